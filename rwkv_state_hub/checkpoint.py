@@ -1,0 +1,215 @@
+"""Reading BlinkDL's official RWKV `.pth` checkpoints: safe loading, architecture detection, ModelSpec.
+
+Only v5.2, v6 (x060) and v7 (x070) are state-tunable here. Everything else gets one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .errors import StateHubError
+from .files import sha256_file
+
+ARCHITECTURES = ("v5.2", "v6", "v7")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint is. Made once by the reader; everything that asks "does this fit" compares to it."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    head_size: int
+    n_ffn: int
+    vocab_size: int
+    dtype: str = "float32"
+    path: str | None = None
+    file_size: int | None = None
+    has_time_state: bool = False
+    n_params: int = 0
+    _sha256: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        """The file name without extension, or a description when the model came from memory."""
+        if self.path:
+            return Path(self.path).name.removesuffix(".pth")
+        return f"RWKV-{self.arch} L{self.n_layer} D{self.n_embd}"
+
+    @cached_property
+    def sha256(self) -> str | None:
+        """The base-model identity: sha256 of the whole file (cached across runs by path, size, mtime)."""
+        if self._sha256 is not None:
+            return self._sha256
+        return sha256_file(self.path) if self.path else None
+
+    def dims(self) -> str:
+        """'12 layers x 12 heads x 64': the shape a state must have, in words."""
+        return f"{self.n_layer} layers x {self.n_head} heads x {self.head_size}"
+
+    def state_shape(self) -> tuple[int, int, int, int]:
+        return (self.n_layer, self.n_head, self.head_size, self.head_size)
+
+    def to_dict(self) -> dict:
+        d = {
+            "arch": self.arch,
+            "n_layer": self.n_layer,
+            "n_embd": self.n_embd,
+            "n_head": self.n_head,
+            "head_size": self.head_size,
+            "n_ffn": self.n_ffn,
+            "vocab_size": self.vocab_size,
+            "dtype": self.dtype,
+            "n_params": self.n_params,
+        }
+        if self.path:
+            d.update(file_name=Path(self.path).name, file_size=self.file_size, sha256=self.sha256)
+        return d
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True (and mmap when the file allows it): no code runs from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateHubError(f"{path}: no such file")
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is the file's fault
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+    if not isinstance(sd, dict) or not sd:
+        raise StateHubError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise StateHubError(f"{path}: expected a dict of tensors, but {bad[0]!r} is not a tensor")
+    return sd
+
+
+def detect_arch(sd: dict[str, torch.Tensor], where: str = "checkpoint") -> str:
+    """v5.2 / v6 / v7 from the keys and shapes, as the rwkv pip package and RWKV Runner decide it."""
+    keys = sd.keys()
+    if "emb.weight" not in keys or not any(_BLOCK_KEY.match(k) for k in keys):
+        found = ", ".join(sorted(keys)[:3])
+        raise StateHubError(f"{where}: not an RWKV model checkpoint (no emb.weight / blocks.*; found {found})")
+    if "blocks.0.att.r_k" in keys or "blocks.0.att.x_r" in keys:
+        if any(".ffn.s_emb" in k for k in keys):
+            raise StateHubError(f"{where}: RWKV-7 DeepEmbed checkpoint; only plain x070 models are supported")
+        return "v7"
+    if "blocks.0.att.time_maa_x" in keys:
+        return "v6"
+    if "blocks.0.att.ln_x.weight" in keys:
+        decay = sd.get("blocks.0.att.time_decay")
+        if "blocks.0.att.gate.weight" in keys and decay is not None and decay.dim() == 2 and decay.shape[1] > 1:
+            return "v5.2"
+        version = "v5.1" if "blocks.0.att.gate.weight" in keys else "v5.0"
+        raise StateHubError(f"{where}: RWKV {version} checkpoint; supported are v5.2, v6 (x060) and v7 (x070)")
+    if "blocks.0.att.time_mix_k" in keys:
+        raise StateHubError(f"{where}: RWKV-4 checkpoint (no wkv matrix state); supported are v5.2, v6 and v7")
+    raise StateHubError(f"{where}: unrecognised RWKV checkpoint layout; supported are v5.2, v6 and v7")
+
+
+def _expected_shapes(arch: str, layer: int, C: int, H: int, N: int, F: int) -> dict[str, tuple]:
+    """Key suffix -> shape (None = a free LoRA dimension) for one block. Vectors compare after squeeze."""
+    a = f"blocks.{layer}.att."
+    f = f"blocks.{layer}.ffn."
+    shapes: dict[str, tuple] = {
+        f"blocks.{layer}.ln1.weight": (C,), f"blocks.{layer}.ln1.bias": (C,),
+        f"blocks.{layer}.ln2.weight": (C,), f"blocks.{layer}.ln2.bias": (C,),
+        a + "key.weight": (C, C), a + "value.weight": (C, C), a + "receptance.weight": (C, C),
+        a + "output.weight": (C, C), a + "ln_x.weight": (C,), a + "ln_x.bias": (C,),
+        f + "key.weight": (F, C), f + "value.weight": (C, F),
+    }
+    if arch == "v5.2":
+        shapes.update({
+            a + "time_mix_k": (C,), a + "time_mix_v": (C,), a + "time_mix_r": (C,), a + "time_mix_g": (C,),
+            a + "time_decay": (H, N), a + "time_faaaa": (H, N), a + "gate.weight": (C, C),
+            f + "time_mix_k": (C,), f + "time_mix_r": (C,), f + "receptance.weight": (C, C),
+        })
+    elif arch == "v6":
+        shapes.update({
+            **{a + f"time_maa_{x}": (C,) for x in "xwkvrg"},
+            a + "time_maa_w1": (C, None), a + "time_maa_w2": (5, None, C),
+            a + "time_decay": (C,), a + "time_decay_w1": (C, None), a + "time_decay_w2": (None, C),
+            a + "time_faaaa": (H, N), a + "gate.weight": (C, C),
+            f + "time_maa_k": (C,), f + "time_maa_r": (C,), f + "receptance.weight": (C, C),
+        })
+    else:
+        shapes.update({
+            **{a + f"x_{x}": (C,) for x in "rwkvag"},
+            a + "w0": (C,), a + "w1": (C, None), a + "w2": (None, C),
+            a + "a0": (C,), a + "a1": (C, None), a + "a2": (None, C),
+            a + "g1": (C, None), a + "g2": (None, C),
+            a + "k_k": (C,), a + "k_a": (C,), a + "r_k": (H, N),
+            f + "x_k": (C,),
+        })
+        if layer > 0:
+            shapes.update({a + "v0": (C,), a + "v1": (C, None), a + "v2": (None, C)})
+    return shapes
+
+
+def _shape_ok(actual: torch.Size, expected: tuple) -> bool:
+    if len(expected) == 1:  # vectors are stored as [C] or [1, 1, C]: compare the squeezed shape
+        return [d for d in actual if d != 1] == [d for d in expected if d != 1] or tuple(actual) == expected
+    return len(actual) == len(expected) and all(e is None or a == e for a, e in zip(actual, expected, strict=True))
+
+
+def spec_from_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike | None = None) -> ModelSpec:
+    """Detect the architecture, derive the dimensions and check every tensor the model will use."""
+    where = str(path) if path else "checkpoint"
+    arch = detect_arch(sd, where)
+    vocab, C = sd["emb.weight"].shape
+    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k)))
+    head_key = "blocks.0.att.r_k" if arch == "v7" else "blocks.0.att.time_faaaa"
+    if head_key not in sd or sd[head_key].dim() != 2:
+        raise StateHubError(f"{where}: {arch} checkpoint without a 2-D {head_key}, cannot tell the head size")
+    H, N = sd[head_key].shape
+    if H * N != C:
+        raise StateHubError(f"{where}: {H} heads x {N} does not match n_embd {C}")
+    F = sd["blocks.0.ffn.key.weight"].shape[0] if "blocks.0.ffn.key.weight" in sd else 0
+    expected = {"emb.weight": (vocab, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
+                "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (vocab, C)}
+    for layer in range(n_layer):
+        expected.update(_expected_shapes(arch, layer, C, H, N, F))
+    for key, shape in expected.items():
+        if key not in sd:
+            raise StateHubError(f"{where}: {arch} checkpoint is missing {key}")
+        t = sd[key]
+        if not _shape_ok(t.shape, shape):
+            want = "x".join("?" if d is None else str(d) for d in shape)
+            raise StateHubError(f"{where}: {key} has shape {list(t.shape)}, expected {want}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise StateHubError(f"{where}: {key} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+    dtype = str(sd["emb.weight"].dtype).removeprefix("torch.")
+    has_time_state = any(k.endswith(".att.time_state") for k in sd)
+    n_params = sum(t.numel() for k, t in sd.items() if not k.endswith(".time_state"))
+    size = Path(path).stat().st_size if path else None
+    return ModelSpec(arch=arch, n_layer=n_layer, n_embd=C, n_head=H, head_size=N, n_ffn=F, vocab_size=vocab,
+                     dtype=dtype, path=str(Path(path).resolve()) if path else None, file_size=size,
+                     has_time_state=has_time_state, n_params=n_params)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Load a checkpoint safely and return its spec with its (memory-mapped) tensors."""
+    sd = load_state_dict(path)
+    return spec_from_state_dict(sd, path), sd
+
+
+def read_spec(path: str | os.PathLike) -> ModelSpec:
+    """The spec alone (memory-mapped: cheap even for a 15 GB file)."""
+    return read_checkpoint(path)[0]

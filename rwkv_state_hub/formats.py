@@ -1,0 +1,223 @@
+"""Every on-disk form of a State: one function to write each, one reader that detects them by content.
+
+    safetensors  the native file: fp32 [H, V, K] wkv (+ token shift) and full metadata
+    pth          RWKV Runner / RWKV-PEFT / RWKV-LM: exactly n_layer tensors [H, V, K], fp32/bf16/fp16
+    ai00         Ai00 / web-rwkv: safetensors, F16 only, [H, K, V] (the transpose)
+    merged       the base model .pth with time_state keys added, for plain `rwkv` pip use (v5.2, v6 only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from . import __version__
+from .checkpoint import load_state_dict, read_checkpoint, spec_from_state_dict
+from .errors import StateHubError
+from .files import atomic_write
+from .state import FORMAT_VERSION, State
+
+FORMATS = ("safetensors", "pth", "ai00", "merged")
+PTH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAGIC = "rwkv-state-hub"
+
+_STATE_KEY = re.compile(r"^(?:.*\.)?blocks\.(\d+)\.att\.time_state$")
+_SHIFT_KEY = re.compile(r"^blocks\.(\d+)\.(att|ffn)\.shift_state$")
+
+
+def time_state_key(layer: int) -> str:
+    return f"blocks.{layer}.att.time_state"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _st_metadata(state: State, layout: str) -> dict[str, str]:
+    meta = {**state.metadata, "format_version": FORMAT_VERSION, "created_with": f"rwkv-state-hub {__version__}"}
+    return {"format": MAGIC, "layout": layout, "metadata": json.dumps(meta, sort_keys=True)}
+
+
+def save_native(state: State, path: str | os.PathLike) -> Path:
+    """The project's own file: everything a State has, nothing lost."""
+    tensors = {time_state_key(i): state.wkv[i].float().contiguous() for i in range(state.n_layer)}
+    if state.shift is not None:
+        for i in range(state.n_layer):
+            tensors[f"blocks.{i}.att.shift_state"] = state.shift[i, 0].float().contiguous()
+            tensors[f"blocks.{i}.ffn.shift_state"] = state.shift[i, 1].float().contiguous()
+    meta = _st_metadata(state, "head,value,key")
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def save_pth(state: State, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """What Runner, PEFT and RWKV-LM read: a plain dict of exactly n_layer [H, V, K] tensors."""
+    tensors = {time_state_key(i): state.wkv[i].to(dtype).contiguous() for i in range(state.n_layer)}
+    return atomic_write(path, lambda p: torch.save(tensors, p))
+
+
+def save_ai00(state: State, path: str | os.PathLike) -> Path:
+    """Ai00 / web-rwkv: F16 exactly, each head as [key, value]."""
+    tensors = {time_state_key(i): state.wkv[i].transpose(1, 2).to(torch.float16).contiguous()
+               for i in range(state.n_layer)}
+    meta = _st_metadata(state, "head,key,value")
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def save_merged(state: State, path: str | os.PathLike, base_model: str | os.PathLike, force: bool = False) -> Path:
+    """The base checkpoint with `blocks.{i}.att.time_state` added: the rwkv pip package (v5/v6) then
+    starts every `forward(tokens, None)` from this state."""
+    spec, weights = read_checkpoint(base_model)
+    if spec.arch == "v7":
+        raise StateHubError(
+            f"{base_model}: no merged export for RWKV-7: the rwkv pip package's v7 ignores time_state, so the "
+            "file would silently act as the base model; use rwkv_state_hub.pip_state(state, model) instead"
+        )
+    state.check(spec, force=force)
+    merged = {k: v for k, v in weights.items() if not k.endswith(".att.time_state")}
+    merged.update({time_state_key(i): state.wkv[i].float().contiguous() for i in range(state.n_layer)})
+    return atomic_write(path, lambda p: torch.save(merged, p))
+
+
+def export_state(
+    state: State,
+    path: str | os.PathLike,
+    fmt: str,
+    dtype: str = "fp32",
+    base_model: str | os.PathLike | None = None,
+    force: bool = False,
+) -> list[str]:
+    """Write `state` in format `fmt`; returns notes for the user (what the format cannot carry)."""
+    notes = []
+    if state.shift is not None and fmt != "safetensors":
+        notes.append(f"the {fmt} format carries only the wkv state; consumers start the token shift from zero")
+    if fmt == "safetensors":
+        save_native(state, path)
+    elif fmt == "pth":
+        if dtype not in PTH_DTYPES:
+            raise StateHubError(f"--dtype {dtype}: choose one of {', '.join(PTH_DTYPES)}")
+        save_pth(state, path, PTH_DTYPES[dtype])
+    elif fmt == "ai00":
+        save_ai00(state, path)
+    elif fmt == "merged":
+        if base_model is None:
+            raise StateHubError("the merged format needs the base model (--model BASE.pth)")
+        save_merged(state, path, base_model, force=force)
+    else:
+        raise StateHubError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return notes
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _kind(path: Path) -> str:
+    """'safetensors' or 'torch' from the first bytes, whatever the extension says."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < (100 << 20):
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    raise StateHubError(f"{path}: neither safetensors nor a PyTorch file")
+
+
+def _stack_layers(path: Path, tensors: dict[str, Tensor]) -> Tensor:
+    """blocks.{i}.att.time_state for i = 0..L-1 -> [L, H, N, N] fp32, checked."""
+    by_layer = {int(m.group(1)): t for k, t in tensors.items() if (m := _STATE_KEY.match(k))}
+    if not by_layer:
+        raise StateHubError(f"{path}: no blocks.*.att.time_state tensors: not an RWKV state")
+    L = max(by_layer) + 1
+    missing = sorted(set(range(L)) - set(by_layer))
+    if missing:
+        raise StateHubError(f"{path}: time_state of layer {missing[0]} is missing ({len(by_layer)} of {L} layers)")
+    first = by_layer[0]
+    for i in range(L):
+        t = by_layer[i]
+        if t.dim() != 3 or t.shape[1] != t.shape[2] or t.shape != first.shape:
+            raise StateHubError(f"{path}: layer {i} time_state has shape {list(t.shape)}, expected [H, N, N] "
+                                f"like layer 0 {list(first.shape)}")
+        if not t.is_floating_point():
+            raise StateHubError(f"{path}: layer {i} time_state has dtype {t.dtype}, expected a float type")
+    return torch.stack([by_layer[i].float() for i in range(L)])
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - a malformed header is the file's fault
+        raise StateHubError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:200]})") from None
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of a state file, from its content: safetensors, ai00, pth or merged."""
+    return _load(Path(path))[1]
+
+
+def load_state(path: str | os.PathLike) -> State:
+    """Read a state in any supported format (native, pth, ai00, merged, BlinkDL/PEFT .pth, bf16 or not)."""
+    return _load(Path(path))[0]
+
+
+def _load(path: Path) -> tuple[State, str]:
+    if not path.is_file():
+        raise StateHubError(f"{path}: no such file")
+    if _kind(path) == "safetensors":
+        tensors, header = _read_safetensors(path)
+        meta = {}
+        if header.get("format") == MAGIC:
+            try:
+                meta = json.loads(header.get("metadata", "{}"))
+            except ValueError:
+                raise StateHubError(f"{path}: damaged rwkv-state-hub metadata") from None
+        # Ai00 reads [H, K, V] and only F16; our ai00 files say so. A foreign F16 file is Ai00's.
+        layout = header.get("layout") or ("head,key,value" if _all_f16(tensors) else "head,value,key")
+        wkv = _stack_layers(path, tensors)
+        if layout == "head,key,value":
+            wkv = wkv.transpose(2, 3).contiguous()
+            fmt = "ai00"
+        else:
+            fmt = "safetensors"
+        shift = _read_shift(path, tensors, wkv.shape[0])
+        return State(wkv, shift, meta, source=str(path)), fmt
+    sd = load_state_dict(path)
+    wkv = _stack_layers(path, sd)
+    if "emb.weight" in sd:  # a model with a state inside
+        spec = spec_from_state_dict(sd, path)
+        meta = {"arch": spec.arch, "n_layer": spec.n_layer, "n_embd": spec.n_embd, "n_head": spec.n_head,
+                "head_size": spec.head_size, "merged_into": path.name}
+        return State(wkv, None, meta, source=str(path)), "merged"
+    extra = [k for k in sd if not _STATE_KEY.match(k)]
+    if extra:
+        raise StateHubError(f"{path}: unexpected tensor {extra[0]!r} in a state file")
+    return State(wkv, None, {}, source=str(path)), "pth"
+
+
+def _all_f16(tensors: dict[str, Tensor]) -> bool:
+    states = [t for k, t in tensors.items() if _STATE_KEY.match(k)]
+    return bool(states) and all(t.dtype == torch.float16 for t in states)
+
+
+def _read_shift(path: Path, tensors: dict[str, Tensor], n_layer: int) -> Tensor | None:
+    found = {(int(m.group(1)), m.group(2)): t for k, t in tensors.items() if (m := _SHIFT_KEY.match(k))}
+    if not found:
+        return None
+    if len(found) != 2 * n_layer:
+        raise StateHubError(f"{path}: token-shift state for {len(found)} of {2 * n_layer} (layer, mixer) pairs")
+    rows = []
+    for i in range(n_layer):
+        pair = [found.get((i, "att")), found.get((i, "ffn"))]
+        if any(t is None or t.dim() != 1 for t in pair) or pair[0].shape != pair[1].shape:
+            raise StateHubError(f"{path}: token-shift state of layer {i} is missing or not a vector")
+        rows.append(torch.stack([t.float() for t in pair]))
+    return torch.stack(rows)

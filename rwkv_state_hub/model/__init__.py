@@ -1,0 +1,56 @@
+"""The frozen RWKV model (v5.2, v6, v7) that state tuning trains a state for.
+
+LoRA ranks (v6/v7) are not fixed by the architecture: the module is built with empty placeholders
+and every tensor is taken from the checkpoint as it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import ModelSpec, read_checkpoint, spec_from_state_dict
+from . import v5, v6, v7
+from .common import RWKV, RecurrentState
+
+_MIXERS = {"v5.2": (v5.TimeMix, v5.ChannelMix), "v6": (v6.TimeMix, v6.ChannelMix), "v7": (v7.TimeMix, v7.ChannelMix)}
+
+
+def build_model(
+    spec: ModelSpec,
+    weights: dict[str, Tensor],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+) -> RWKV:
+    """Put checkpoint tensors into an RWKV module. Matrices (Linear, embedding, head) take `dtype`
+    (default: as stored); everything else takes `compute_dtype` (fp32; fp64 only for gradient checks).
+    No weight ever requires a gradient."""
+    with torch.device("meta"):
+        model = RWKV(spec, *_MIXERS[spec.arch])
+    linear_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)}
+    for name, param in list(model.named_parameters()):
+        t = weights[name]
+        t = t.reshape(-1) if param.dim() == 1 else t
+        t = t.to(device=device, dtype=(dtype or t.dtype) if name in linear_weights else compute_dtype)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, nn.Parameter(t, requires_grad=False))
+    return model.eval()
+
+
+def load_model(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> RWKV:
+    """Read a BlinkDL `.pth` checkpoint (safely, memory-mapped) into a frozen model."""
+    spec, weights = read_checkpoint(path)
+    return build_model(spec, weights, dtype=dtype, device=device)
+
+
+def model_from_state_dict(weights: dict[str, Tensor], dtype: torch.dtype | None = None, **kwargs) -> RWKV:
+    """A model straight from tensors in the official key layout (random test models, notebooks)."""
+    return build_model(spec_from_state_dict(weights), weights, dtype=dtype, **kwargs)
+
+
+__all__ = ["RWKV", "RecurrentState", "build_model", "load_model", "model_from_state_dict"]

@@ -1,0 +1,178 @@
+"""What RWKV v5.2, v6 and v7 share: embedding, layer norms, token shift, the block loop and the head.
+
+The module tree mirrors the official checkpoint keys (`blocks.3.att.key.weight` is
+`model.blocks[3].att.key.weight`), so loading is `load_state_dict` and nothing else.
+Every weight is frozen. Matrices run in the checkpoint's dtype (fp32/fp16/bf16); everything else,
+the residual stream and all the state maths, runs in the compute dtype: fp32 (fp64 for gradient checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoint import ModelSpec
+
+GROUP_NORM_EPS = 64e-5  # the per-head norm of ln_x, as the rwkv pip package and RWKV-LM (x / 8, eps 1e-5)
+
+
+@dataclass
+class RecurrentState:
+    """The whole recurrent state of a batch: what a forward pass starts from and hands back.
+
+    wkv:   [B, L, H, N, N] fp32, layout [head, value, key]
+    att_x: [B, L, C] fp32, the last (normed) input of each time-mix (token shift)
+    ffn_x: [B, L, C] fp32, the same for each channel-mix
+    A batch size of 1 broadcasts over any batch (autograd sums the gradient back).
+    """
+
+    wkv: Tensor
+    att_x: Tensor
+    ffn_x: Tensor
+
+    @classmethod
+    def zeros(
+        cls, spec: ModelSpec, batch: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> RecurrentState:
+        L, C, H, N = spec.n_layer, spec.n_embd, spec.n_head, spec.head_size
+        z = dict(dtype=dtype, device=device)
+        return cls(torch.zeros(batch, L, H, N, N, **z), torch.zeros(batch, L, C, **z), torch.zeros(batch, L, C, **z))
+
+    @property
+    def batch_size(self) -> int:
+        return self.wkv.shape[0]
+
+    def expand(self, batch: int) -> RecurrentState:
+        if self.batch_size == batch:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(f"a state of batch {self.batch_size} cannot serve a batch of {batch}")
+        return RecurrentState(*(t.expand(batch, *t.shape[1:]) for t in (self.wkv, self.att_x, self.ffn_x)))
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.wkv, self.att_x, self.ffn_x
+
+    def detach(self) -> RecurrentState:
+        return RecurrentState(self.wkv.detach(), self.att_x.detach(), self.ffn_x.detach())
+
+    def clone(self) -> RecurrentState:
+        return RecurrentState(self.wkv.clone(), self.att_x.clone(), self.ffn_x.clone())
+
+    def select(self, index: int) -> RecurrentState:
+        """The state of one sequence of the batch, as a batch of one."""
+        return RecurrentState(self.wkv[index : index + 1], self.att_x[index : index + 1], self.ffn_x[index : index + 1])
+
+
+def linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """The matmul in the weight's own dtype (bf16 checkpoints stay bf16); the result in x's dtype (fp32)."""
+    w = layer.weight
+    return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+
+def lora(x: Tensor, a: Tensor, b: Tensor, act=torch.tanh) -> Tensor:
+    """The small low-rank maps of v6/v7: act(x @ a) @ b."""
+    return act(x @ a) @ b
+
+
+def token_shift(x: Tensor, prev: Tensor) -> Tensor:
+    """x [B, T, C] -> the previous token's x at each position; `prev` [B, C] stands before position 0."""
+    return torch.cat((prev[:, None, :], x[:, :-1, :]), dim=1)
+
+
+def last_valid(x: Tensor, prev: Tensor, mask: Tensor | None) -> Tensor:
+    """x at each sequence's last real token (right padding); `prev` for a sequence with no tokens."""
+    if mask is None:
+        return x[:, -1, :]
+    lengths = mask.sum(dim=1)
+    idx = (lengths - 1).clamp(min=0)
+    picked = x[torch.arange(x.shape[0], device=x.device), idx]
+    return torch.where((lengths > 0)[:, None], picked, prev)
+
+
+def head_norm(y: Tensor, ln_x: nn.GroupNorm) -> Tensor:
+    """ln_x: a group norm over each head's channels. y [B, T, H, N] -> [B, T, C]."""
+    B, T, H, N = y.shape
+    out = F.group_norm(y.reshape(B * T, H * N), H, ln_x.weight, ln_x.bias, GROUP_NORM_EPS)
+    return out.view(B, T, H * N)
+
+
+def neutral_where_padded(mask: Tensor | None, k: Tensor, v: Tensor, log_w: Tensor, *extra: Tensor):
+    """At padding positions, make the recurrence an identity: k = v = 0, decay 1 (and v7's a = b = 0)."""
+    if mask is None:
+        return (k, v, log_w, *extra)
+    m = mask[:, :, None, None].to(k.dtype)
+    return (k * m, v * m, log_w * m, *(t * m for t in extra))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_id: int, att: nn.Module, ffn: nn.Module):
+        super().__init__()
+        C = spec.n_embd
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = att
+        self.ffn = ffn
+
+    def forward(self, x, att_x, wkv, ffn_x, v_first, mask):
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        h = self.ln1(x)
+        out, wkv, v_first = self.att(h, token_shift(h, att_x), wkv, v_first, mask)
+        att_x = last_valid(h, att_x, mask)
+        x = x + out
+        h = self.ln2(x)
+        x = x + self.ffn(h, token_shift(h, ffn_x))
+        ffn_x = last_valid(h, ffn_x, mask)
+        return x, att_x, wkv, ffn_x, v_first
+
+
+class RWKV(nn.Module):
+    """A frozen RWKV model. `forward(tokens, state, mask)` -> (logits [B, T, V], final RecurrentState)."""
+
+    def __init__(self, spec: ModelSpec, time_mix: type[nn.Module], channel_mix: type[nn.Module]):
+        super().__init__()
+        self.spec = spec
+        self.emb = nn.Embedding(spec.vocab_size, spec.n_embd)
+        self.blocks = nn.ModuleList(
+            Block(spec, i, time_mix(spec, i), channel_mix(spec, i)) for i in range(spec.n_layer)
+        )
+        self.ln_out = nn.LayerNorm(spec.n_embd)
+        self.head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
+
+    def forward(
+        self, tokens: Tensor, state: RecurrentState | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, RecurrentState]:
+        """tokens [B, T] (right-padded when `mask` [B, T] marks the real tokens).
+
+        The final state of each sequence is the state after its last real token.
+        """
+        B, T = tokens.shape
+        dtype = self.ln_out.weight.dtype  # fp32 (fp64 for gradient checks)
+        state = (state or RecurrentState.zeros(self.spec, B, tokens.device, dtype)).expand(B)
+        if mask is not None:
+            mask = mask.bool()
+        x = self.emb(tokens).to(dtype)
+        v_first = None
+        att_xs, wkvs, ffn_xs = [], [], []
+        for i, block in enumerate(self.blocks):
+            x, att_x, wkv, ffn_x, v_first = block(
+                x, state.att_x[:, i], state.wkv[:, i], state.ffn_x[:, i], v_first, mask
+            )
+            att_xs.append(att_x)
+            wkvs.append(wkv)
+            ffn_xs.append(ffn_x)
+        logits = linear(self.ln_out(x), self.head)
+        return logits, RecurrentState(torch.stack(wkvs, 1), torch.stack(att_xs, 1), torch.stack(ffn_xs, 1))
+
+    @torch.no_grad()
+    def step(self, token: int | Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
+        """RNN mode: one token per sequence ([B] or an int), continuing from any state."""
+        tokens = torch.as_tensor(token, device=self.emb.weight.device).reshape(-1, 1)
+        logits, state = self(tokens, state)
+        return logits[:, -1], state

@@ -1,0 +1,70 @@
+"""Shared fixtures: the real tiny checkpoints in ../shared/models, the bundled example, random models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODELS = REPO.parent / "shared" / "models"
+EXAMPLE_MODEL = REPO / "examples" / "models" / "tiny-rwkv-7v0-834K.pth"
+
+# name, architecture, text encoding of its byte vocabulary
+REAL_MODELS = [
+    ("tiny-rwkv-5v2-730K", "v5.2", "utf-8"),
+    ("tiny-rwkv-6v0-1m", "v6", "utf-16-le"),
+    ("tiny-rwkv-7v0-834K", "v7", "utf-8"),
+]
+ARCHS = ["v5.2", "v6", "v7"]
+PROMPT = (
+    "Once upon a time, in a quiet village by the sea, there lived an old fisherman who told "
+    "stories about the stars to anyone who would listen."
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's hash cache from a test."""
+    monkeypatch.setenv("RWKV_STATE_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def real_model_path(name: str) -> Path:
+    path = SHARED_MODELS / f"{name}.pth"
+    if not path.exists():
+        pytest.skip(f"{path} not found: the real checkpoints live in ../shared/models beside the repo")
+    return path
+
+
+def prompt_tokens(encoding: str = "utf-8", n: int = 80) -> list[int]:
+    toks = list(PROMPT.encode(encoding))[:n]
+    assert len(toks) >= 64
+    return toks
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight checkpoints of realistic head size (64), 3 heads, 2 layers, saved in the official layout."""
+    folder = tmp_path_factory.mktemp("random-models")
+    paths = {}
+    for i, arch in enumerate(ARCHS):
+        path = folder / f"random-{arch}.pth"
+        save_checkpoint(random_checkpoint(arch, n_layer=2, n_embd=192, head_size=64, vocab_size=320, seed=i), path)
+        paths[arch] = path
+    return paths
+
+
+def random_state_like(spec, seed: int = 0, scale: float = 1.0, full: bool = False):
+    from rwkv_state_hub import State
+
+    g = torch.Generator().manual_seed(seed)
+    wkv = torch.randn(spec.state_shape(), generator=g) * scale
+    shift = torch.randn(spec.n_layer, 2, spec.n_embd, generator=g) if full else None
+    return State(wkv, shift).with_model(spec)
+
+
+os.environ.setdefault("RWKV_JIT_ON", "0")
