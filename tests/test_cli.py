@@ -92,9 +92,10 @@ def test_export_merged_refuses_v7(tmp_path, random_models):
     spec = read_spec(random_models["v7"])
     src = tmp_path / "s7.safetensors"
     save_native(random_state_like(spec), src)
-    r = run("export", str(src), "--format", "merged", "-o", str(tmp_path / "m.pth"), "--model", str(random_models["v7"]))
+    out = tmp_path / "m.pth"
+    r = run("export", str(src), "--format", "merged", "-o", str(out), "--model", str(random_models["v7"]))
     assert r.returncode == 1 and "pip_state" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "m.pth").exists()
+    assert not out.exists()
 
 
 def test_bad_input_is_one_line(tmp_path):
