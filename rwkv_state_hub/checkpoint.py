@@ -93,11 +93,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is the file's fault
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
-    if not isinstance(sd, dict) or not sd:
+    if not isinstance(sd, dict):
         raise StateHubError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
-    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if not sd:
+        raise StateHubError(f"{path}: the file holds an empty dict, no tensors")
+    bad_key = next((k for k in sd if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise StateHubError(f"{path}: expected tensor names, found the key {bad_key!r}")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise StateHubError(f"{path}: expected a dict of tensors, but {bad[0]!r} is not a tensor")
+        raise StateHubError(f"{path}: expected a dict of tensors, but {bad[0]!r} is a {type(sd[bad[0]]).__name__}")
     return sd
 
 

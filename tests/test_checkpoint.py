@@ -218,12 +218,13 @@ def test_rwkv50_checkpoint(tmp_path):
     _one_line_error(_save(sd, tmp_path), "v5.0")
 
 
-def test_rwkv51_checkpoint(tmp_path):
+@pytest.mark.parametrize("keepdim", [False, True], ids=["decay-H", "decay-Hx1"])
+def test_rwkv51_checkpoint(keepdim, tmp_path):
     sd = _random("v5.2")
     for i in range(LAYERS):
         key = f"blocks.{i}.att.time_decay"
-        sd[key] = sd[key].mean(dim=1)  # [H, N] -> [H]: one decay per head
-        assert sd[key].shape == (EMBD // HEAD,)
+        sd[key] = sd[key].mean(dim=1, keepdim=keepdim)  # [H, N] -> [H] or [H, 1]: one decay per head
+        assert sd[key].shape[0] == EMBD // HEAD and sd[key].numel() == EMBD // HEAD
     _one_line_error(_save(sd, tmp_path), "v5.1")
 
 
@@ -270,13 +271,19 @@ def test_pickled_list(tmp_path):
 def test_dict_with_non_tensor_value(tmp_path):
     path = tmp_path / "mixed.pth"
     torch.save({"emb.weight": torch.zeros(4, 4), "note": "hello"}, path)
-    _one_line_error(path, "'note'", "not a tensor")
+    _one_line_error(path, "'note'", "is a str")
 
 
 def test_empty_dict(tmp_path):
     path = tmp_path / "empty.pth"
     torch.save({}, path)
-    _one_line_error(path, "expected a dict of tensors")
+    _one_line_error(path, "empty dict")
+
+
+def test_non_string_key(tmp_path):
+    path = tmp_path / "intkey.pth"
+    torch.save({1: torch.zeros(2)}, path)
+    _one_line_error(path, "expected tensor names", "key 1")
 
 
 def test_state_dict_without_emb(tmp_path):

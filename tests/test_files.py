@@ -257,10 +257,7 @@ def test_sha256_ignores_malformed_entry(cache, data_file, entry):
     assert sha256_file(data_file) == _sha(data_file)
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError),
-                   reason="bug: files.py sha256_file assumes the cache JSON is an object; a valid JSON "
-                          "list/null in sha256.json crashes with AttributeError instead of being ignored")
-@pytest.mark.parametrize("garbage", ["[]", "null"])
+@pytest.mark.parametrize("garbage", ["[]", "null", '"text"', "3"])
 def test_sha256_tolerates_cache_that_is_not_an_object(cache, data_file, garbage):
     cache.parent.mkdir()
     cache.write_text(garbage)
@@ -282,3 +279,17 @@ def test_sha256_missing_file(cache, tmp_path):
     assert str(path) in msg
     assert "\n" not in msg
     assert not cache.exists()
+
+
+def test_atomic_write_gives_normal_permissions_and_keeps_existing_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        new = atomic_write_bytes(tmp_path / "new.bin", b"x")
+        assert new.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        kept = tmp_path / "kept.bin"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        atomic_write_bytes(kept, b"new")
+        assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_bytes() == b"new"
+    finally:
+        os.umask(old)
