@@ -6,6 +6,7 @@ Only v5.2, v6 (x060) and v7 (x070) are state-tunable here. Everything else gets 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -90,9 +91,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             if "mmap" not in str(e):
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle is the file's fault
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+    except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault
+        raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(e)})") from None
     if not isinstance(sd, dict):
         raise StateHubError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
     if not sd:
@@ -104,6 +104,19 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if bad:
         raise StateHubError(f"{path}: expected a dict of tensors, but {bad[0]!r} is a {type(sd[bad[0]]).__name__}")
     return sd
+
+
+def _load_failure(e: Exception) -> str:
+    """The useful part of torch.load's complaint, on one line without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"unsupported (?:global:? )?GLOBAL (\S+?)(?: whose|\s|$)", text, re.IGNORECASE)
+    if isinstance(e, pickle.UnpicklingError) and found:
+        return f"refused: loading it would call {found.group(1)}, not build plain tensors, and could run code"
+    reason = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    first = reason.group(1) if reason else (text.strip().splitlines() or [type(e).__name__])[0]
+    if "Weights only load failed" in first:
+        return "damaged, or holds objects that are not plain tensors"
+    return f"damaged or not a tensor file: {first[:160]}"
 
 
 def detect_arch(sd: dict[str, torch.Tensor], where: str = "checkpoint") -> str:

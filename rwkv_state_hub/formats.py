@@ -56,14 +56,27 @@ def save_native(state: State, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
+def _check_fp16_range(state: State, what: str) -> None:
+    """fp16 tops out at 65504: a bigger value would be written as inf without a word."""
+    limit = torch.finfo(torch.float16).max
+    peak = state.wkv.abs().amax(dim=(1, 2, 3))
+    if (peak > limit).any():
+        layer = int((peak > limit).nonzero()[0])
+        raise StateHubError(f"{state.source}: layer {layer} has values up to {float(peak[layer]):.4g}, beyond "
+                            f"float16's {limit:.0f}; {what} cannot hold them (use pth with --dtype bf16 or fp32)")
+
+
 def save_pth(state: State, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
     """What Runner, PEFT and RWKV-LM read: a plain dict of exactly n_layer [H, V, K] tensors."""
+    if dtype == torch.float16:
+        _check_fp16_range(state, "a float16 pth")
     tensors = {time_state_key(i): state.wkv[i].to(dtype).contiguous() for i in range(state.n_layer)}
     return atomic_write(path, lambda p: torch.save(tensors, p))
 
 
 def save_ai00(state: State, path: str | os.PathLike) -> Path:
     """Ai00 / web-rwkv: F16 exactly, each head as [key, value]."""
+    _check_fp16_range(state, "Ai00's F16 format")
     tensors = {time_state_key(i): state.wkv[i].transpose(1, 2).to(torch.float16).contiguous()
                for i in range(state.n_layer)}
     meta = _st_metadata(state, "head,key,value")
@@ -95,6 +108,9 @@ def export_state(
 ) -> list[str]:
     """Write `state` in format `fmt`; returns notes for the user (what the format cannot carry)."""
     notes = []
+    for name, t in (("wkv", state.wkv), ("token-shift", state.shift)):
+        if t is not None and not torch.isfinite(t).all():
+            raise StateHubError(f"{state.source}: {name} state has non-finite values (NaN or inf); not exporting it")
     if state.shift is not None and fmt != "safetensors":
         notes.append(f"the {fmt} format carries only the wkv state; consumers start the token shift from zero")
     if fmt == "safetensors":

@@ -65,14 +65,27 @@ class State:
         return State(self.wkv, self.shift, {**self.metadata, **for_model(spec)}, self.source)
 
     def check(self, spec: ModelSpec, force: bool = False) -> list[str]:
-        """Raise StateHubError unless this state fits `spec`. With `force`, return the problems instead."""
-        problems = self.problems(spec)
-        if problems and not force:
-            raise StateHubError(problems[0] + (" (use --force to use it anyway)" if "sha256" in problems[0] else ""))
-        return problems
+        """Raise StateHubError unless this state fits `spec`.
+
+        `force` waives only a base-model sha256 mismatch (a state may be reused on a fine-tune of its
+        model, at the user's risk) and returns it; a state of the wrong shape, dtype or architecture,
+        or with non-finite values, is always refused: it cannot work.
+        """
+        broken = self.fit_problems(spec)
+        if broken:
+            raise StateHubError(broken[0])
+        identity = self.identity_problem(spec)
+        if identity and not force:
+            raise StateHubError(f"{identity} (use --force to use it anyway)")
+        return [identity] if identity else []
 
     def problems(self, spec: ModelSpec) -> list[str]:
         """Every way this state does not fit `spec`, each a one-line message; [] when it fits."""
+        identity = self.identity_problem(spec)
+        return self.fit_problems(spec) + ([identity] if identity else [])
+
+    def fit_problems(self, spec: ModelSpec) -> list[str]:
+        """What makes this state unusable on `spec`: shape, architecture, dtype, non-finite values."""
         out = []
         if self.wkv.dim() != 4 or self.wkv.shape[2] != self.wkv.shape[3]:
             return [f"{self.source}: wkv state has shape {list(self.wkv.shape)}, expected [layers, heads, N, N]"]
@@ -88,12 +101,16 @@ class State:
                 out.append(f"{self.source}: {name} state is {t.dtype}, expected float32")
             if t is not None and not torch.isfinite(t).all():
                 out.append(f"{self.source}: {name} state has non-finite values (NaN or inf)")
+        return out
+
+    def identity_problem(self, spec: ModelSpec) -> str | None:
+        """A message if this state records another base model (by sha256) than `spec`'s file."""
         want = self.base_model_sha256
         if want and spec.sha256 and want != spec.sha256:
             made_for = self.metadata.get("base_model_name") or "another model"
-            out.append(f"{self.source}: made for {made_for} (sha256 {want[:12]}), "
-                       f"but {spec.name} has sha256 {spec.sha256[:12]}")
-        return out
+            return (f"{self.source}: made for {made_for} (sha256 {want[:12]}), "
+                    f"but {spec.name} has sha256 {spec.sha256[:12]}")
+        return None
 
     def to_recurrent(self, batch: int = 1, device: str | torch.device = "cpu"):
         """The model's runtime state for a batch, every sequence starting from this state."""
@@ -104,6 +121,20 @@ class State:
         rs = RecurrentState(self.wkv[None], shift[None, :, 0], shift[None, :, 1])
         rs = RecurrentState(*(t.to(device=device, dtype=torch.float32) for t in (rs.wkv, rs.att_x, rs.ffn_x)))
         return rs.expand(batch)
+
+    def learnable(self, spec: ModelSpec, full_state: bool | None = None):
+        """A LearnedState initialised from this state, to train further (full_state: learn the token shift
+        too; by default, when this state has one)."""
+        from .model import LearnedState
+
+        full = self.shift is not None if full_state is None else full_state
+        return LearnedState(spec, full, self.wkv, self.shift)
+
+    @classmethod
+    def from_learned(cls, learned, spec: ModelSpec, **metadata) -> State:
+        """Freeze a LearnedState into a State for `spec` (token shift kept only if it was learned)."""
+        shift = learned.shift.detach().float().cpu().clone() if learned.full_state else None
+        return cls(learned.wkv.detach().float().cpu().clone(), shift, {**for_model(spec), **metadata})
 
     @classmethod
     def from_recurrent(cls, rs, spec: ModelSpec, index: int = 0, full_state: bool = True, **metadata) -> State:

@@ -175,3 +175,72 @@ def test_half_precision_weights_keep_fp32_state_maths(random_models, dtype):
     # close to fp32, within what rounding the weights to 8-11 mantissa bits allows
     assert (a - b).abs().max() < 0.25 * a.abs().max()
     assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_gradient_is_the_sum_of_per_sample_gradients(random_models, arch):
+    """One learned state broadcast over a ragged batch: its gradient must equal the sum of the
+    gradients of each sample run alone (peers got this wrong with batch > 1)."""
+    from rwkv_state_hub import LearnedState
+
+    model = load_model(random_models[arch])
+    init = random_state_like(model.spec, seed=8, scale=0.3, full=True)
+    g = torch.Generator().manual_seed(5)
+    lengths = [9, 4, 13]
+    T = max(lengths)
+    tokens = torch.randint(0, model.spec.vocab_size, (3, T), generator=g)
+    targets = torch.randint(0, model.spec.vocab_size, (3, T), generator=g)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+
+    def loss(learned, tok, tgt, m):
+        logits, _ = model(tok, learned(), m)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+        return (nll * m).sum()
+
+    batch = LearnedState(model.spec, True, init.wkv, init.shift)
+    loss(batch, tokens, targets, mask).backward()
+    alone = LearnedState(model.spec, True, init.wkv, init.shift)
+    for i, n in enumerate(lengths):
+        loss(alone, tokens[i : i + 1, :n], targets[i : i + 1, :n], mask[i : i + 1, :n]).backward()
+    assert batch.wkv.grad.abs().max() > 0 and batch.shift.grad.abs().max() > 0
+    assert torch.allclose(batch.wkv.grad, alone.wkv.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(batch.shift.grad, alone.shift.grad, rtol=1e-4, atol=1e-5)
+
+
+# how far 25 steps of state tuning must bring the loss on a repeated sentence, per real model. The tiny v7
+# barely responds to its state (shared/models/README.md measures the same), v6 responds most.
+LEARNING = [
+    ("bundled-v7", "utf-8", 0.99),
+    ("tiny-rwkv-5v2-730K", "utf-8", 0.85),
+    ("tiny-rwkv-6v0-1m", "utf-16-le", 0.5),
+]
+
+
+@pytest.mark.parametrize("name,enc,ratio", LEARNING, ids=[n for n, _, _ in LEARNING])
+def test_learning_the_state_of_a_real_model_lowers_its_loss(name, enc, ratio):
+    """Adam on the state alone (weights frozen) fits a short text; the saved State reproduces the
+    trained logits exactly."""
+    from rwkv_state_hub import LearnedState, State
+
+    model = load_model(EXAMPLE_MODEL if name == "bundled-v7" else real_model_path(name))
+    text = list("Answer: the sky is green. Answer: the sky is green.".encode(enc))
+    tokens, targets = torch.tensor([text[:-1]]), torch.tensor([text[1:]])
+    learned = LearnedState(model.spec, full_state=True)
+    opt = torch.optim.Adam(learned.parameters(), lr=1.0)
+
+    def loss() -> torch.Tensor:
+        logits, _ = model(tokens, learned())
+        return torch.nn.functional.cross_entropy(logits[0], targets[0])
+
+    before = loss().item()
+    for _ in range(25):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    after = loss().item()
+    assert after < ratio * before
+    state = State.from_learned(learned, model.spec)
+    with torch.no_grad():
+        a, _ = model(tokens, learned())
+        b, _ = model(tokens, state.to_recurrent())
+    assert torch.equal(a, b)

@@ -66,6 +66,30 @@ class RecurrentState:
         return RecurrentState(self.wkv[index : index + 1], self.att_x[index : index + 1], self.ffn_x[index : index + 1])
 
 
+class LearnedState(nn.Module):
+    """The only trainable thing: the initial wkv state of every layer [L, H, N, N] fp32 and, for a
+    "full state", the two token-shift vectors of every layer [L, 2, C]. Call it to get a RecurrentState
+    of batch 1, which the model broadcasts over any batch."""
+
+    def __init__(self, spec: ModelSpec, full_state: bool = False, wkv: Tensor | None = None,
+                 shift: Tensor | None = None):
+        super().__init__()
+        L, C = spec.n_layer, spec.n_embd
+        self.wkv = nn.Parameter(torch.zeros(spec.state_shape()) if wkv is None else wkv.detach().float().clone())
+        init_shift = torch.zeros(L, 2, C) if shift is None else shift.detach().float().clone()
+        if full_state:
+            self.shift = nn.Parameter(init_shift)
+        else:
+            self.register_buffer("shift", init_shift)
+
+    @property
+    def full_state(self) -> bool:
+        return isinstance(self.shift, nn.Parameter)
+
+    def forward(self) -> RecurrentState:
+        return RecurrentState(self.wkv[None], self.shift[None, :, 0], self.shift[None, :, 1])
+
+
 def linear(x: Tensor, layer: nn.Linear) -> Tensor:
     """The matmul in the weight's own dtype (bf16 checkpoints stay bf16); the result in x's dtype (fp32)."""
     w = layer.weight
