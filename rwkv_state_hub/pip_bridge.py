@@ -7,10 +7,15 @@ Its v5/v6 code keeps the wkv as [head, key, value] (the transpose of our layout)
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from functools import cache
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-from .checkpoint import ModelSpec
+from .checkpoint import ModelSpec, read_spec
 from .errors import StateHubError
 from .state import State
 
@@ -54,3 +59,34 @@ def state_from_pip(pip_list: list[Tensor], spec: ModelSpec, **metadata) -> State
     shift = torch.stack([torch.stack([pip_list[3 * i].float().cpu(), pip_list[3 * i + 2].float().cpu()])
                          for i in range(L)])
     return State(wkv.contiguous(), shift, metadata).with_model(spec)
+
+
+@cache
+def _pip_module(v7: bool):
+    """rwkv.model, imported on its own for v7 or v5/v6: its RWKV-7 class exists only when RWKV_V7_ON=1 at
+    import time, and then takes the place of the v5/v6 class. Two private copies let both live in one
+    process (the demo shows any model; the tests compare all three)."""
+    import rwkv
+
+    src = Path(rwkv.__file__).parent / "model.py"
+    old = os.environ.get("RWKV_V7_ON")
+    os.environ["RWKV_V7_ON"] = "1" if v7 else "0"
+    try:
+        spec = importlib.util.spec_from_file_location(f"_rwkv_pip_{'v7' if v7 else 'v56'}", src)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            os.environ.pop("RWKV_V7_ON")
+        else:
+            os.environ["RWKV_V7_ON"] = old
+    return module
+
+
+def load_pip_model(path: str | os.PathLike, strategy: str = "cpu fp32"):
+    """Load a checkpoint with the `rwkv` pip package, whatever its version (v7 included)."""
+    arch = read_spec(path).arch
+    stem = str(path).removesuffix(".pth")
+    if arch == "v7":
+        return _pip_module(True).RWKV_x070(stem, strategy)
+    return _pip_module(False).RWKV(stem, strategy, verbose=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -67,4 +66,3 @@ def random_state_like(spec, seed: int = 0, scale: float = 1.0, full: bool = Fals
     return State(wkv, shift).with_model(spec)
 
 
-os.environ.setdefault("RWKV_JIT_ON", "0")
