@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -92,6 +93,98 @@ def export(state: str, fmt: str, output: str, dtype: str, model: str | None, for
     for note in export_state(s, output, fmt, dtype=dtype, base_model=model, force=force):
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {output} ({fmt})")
+
+
+def _load_config(path: str) -> dict:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+    except OSError as e:
+        raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise StateHubError(f"{path}: not valid TOML ({e})") from None
+
+
+def _split_list(values: tuple[str, ...]) -> list[str]:
+    return [v for item in values for v in item.split(",") if v]
+
+
+@cli.command()
+@click.option("--model", help="Base model .pth (BlinkDL format, v5.2 / v6 / v7).")
+@click.option("--data", multiple=True, help="Training data: .jsonl, .txt, binidx (.bin/.idx) or a folder. Repeatable.")
+@click.option("--val-data", multiple=True, help="Held-out data, evaluated every --val-every steps.")
+@click.option("--out", help="Output folder.  [default: runs/state]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A TOML file of these options.")
+@click.option("--tokenizer", help="world | bytes | utf-16-le | path/to/tokenizer.json  [default: from the vocab]")
+@click.option("--ctx-len", type=int, help="Tokens per sample.  [default: 512]")
+@click.option("--micro-bsz", type=int, help="Samples per forward pass.  [default: 1]")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.  [default: 1]")
+@click.option("--epochs", type=float, help="Passes over the data.  [default: 1]")
+@click.option("--steps", type=int, help="Optimizer steps (overrides --epochs).")
+@click.option("--lr-init", type=float, help="Peak learning rate.  [default: 1.0]")
+@click.option("--lr-final", type=float, help="Learning rate at the last step.  [default: 0.01]")
+@click.option("--warmup-steps", type=int, help="[default: 10]")
+@click.option("--grad-clip", type=float, help="Gradient norm clip.  [default: 1.0]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Weights' dtype; the state is always fp32.")
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations (less memory).")
+@click.option("--full-state/--no-full-state", default=None, help="Also learn the token-shift states.")
+@click.option("--seed", type=int, help="[default: 42]")
+@click.option("--val-every", type=int, help="[default: 50]")
+@click.option("--save-every", type=int, help="Checkpoint interval in steps.  [default: 50]")
+@click.option("--device", help="auto | cpu | cuda  [default: auto]")
+@click.option("--export", "exports", multiple=True, help="Also write consumer formats: pth, ai00 (comma-separated).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--dry-run", is_flag=True, help="Check model, data and tokenizer, show a sample; train nothing.")
+def train(config_file, resume, dry_run, exports, data, val_data, **options) -> None:
+    """Learn the initial state of a frozen RWKV model on your data (state tuning)."""
+    from .train import TrainConfig, summary
+    from .train import dry_run as describe_run
+    from .train import train as run_training
+
+    settings = _load_config(config_file) if config_file else {}
+    given = {k: v for k, v in options.items() if v is not None}
+    if data:
+        given["data"] = list(data)
+    if val_data:
+        given["val_data"] = list(val_data)
+    if exports:
+        given["export"] = _split_list(exports)
+    settings.update(given)
+    for required in ("model", "data"):
+        if not settings.get(required):
+            raise StateHubError(f"--{required} is required (on the command line or in --config)")
+    cfg = TrainConfig.from_dict(settings, config_file or "options")
+    if dry_run:
+        click.echo(describe_run(cfg))
+        return
+    result = run_training(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        click.echo(summary(result, cfg))
+
+
+@cli.command("eval")
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Base model .pth.")
+@click.option("--state", "states", multiple=True, type=click.Path(dir_okay=False), help="Tuned state(s). Repeatable.")
+@click.option("--data", "data", required=True, multiple=True, help="Held-out data (same formats as train).")
+@click.option("--few-shot-data", help="Draw a few-shot prompt from this (training) data for the comparison row.")
+@click.option("--shots", type=int, default=3, show_default=True, help="Samples in the few-shot prompt.")
+@click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
+@click.option("--ctx-len", type=int, default=512, show_default=True)
+@click.option("--force", is_flag=True, help="Evaluate a state made for another base model anyway.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, as_json) -> None:
+    """Held-out loss and accuracy: the base model, a few-shot prompt, and each tuned state."""
+    from .evaluate import compare
+
+    rows = compare(model, list(data), list(states), few_shot_data, shots, tokenizer, ctx_len, force)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'':<34} {'loss':>8} {'accuracy':>9} {'tokens':>8}")
+    for r in rows:
+        click.echo(f"{r['name']:<34} {r['loss']:>8.4f} {r['accuracy']:>9.2%} {r['n_tokens']:>8}")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import ModelSpec
 
@@ -168,6 +169,7 @@ class RWKV(nn.Module):
         )
         self.ln_out = nn.LayerNorm(spec.n_embd)
         self.head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block's activations in the backward pass
 
     def forward(
         self, tokens: Tensor, state: RecurrentState | None = None, mask: Tensor | None = None
@@ -185,9 +187,12 @@ class RWKV(nn.Module):
         v_first = None
         att_xs, wkvs, ffn_xs = [], [], []
         for i, block in enumerate(self.blocks):
-            x, att_x, wkv, ffn_x, v_first = block(
-                x, state.att_x[:, i], state.wkv[:, i], state.ffn_x[:, i], v_first, mask
-            )
+            args = (x, state.att_x[:, i], state.wkv[:, i], state.ffn_x[:, i], v_first, mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # non-reentrant: the reentrant variant breaks when every weight is frozen
+                x, att_x, wkv, ffn_x, v_first = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, att_x, wkv, ffn_x, v_first = block(*args)
             att_xs.append(att_x)
             wkvs.append(wkv)
             ffn_xs.append(ffn_x)

@@ -1,0 +1,44 @@
+"""Write the example data set: short weather reports in one fixed house style.
+
+Generated here from word lists (so the licence is ours: Apache-2.0, like the code), deterministic
+(seeded), with a held-out split. The style is what a state can learn and a base model cannot guess:
+every report opens the same way and follows the same template.
+
+    python examples/make_dataset.py            # writes examples/data/train.jsonl and val.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CITIES = ["Oslo", "Lima", "Cairo", "Perth", "Quito", "Dakar", "Hanoi", "Porto", "Turin", "Bergen", "Galway",
+          "Malmo", "Split", "Leeds", "Kyoto", "Sucre", "Accra", "Nantes", "Tromso", "Dublin", "Austin", "Denver",
+          "Halifax", "Lagos", "Seville", "Krakow", "Tartu", "Graz", "Aarhus", "Cork"]
+SKIES = ["sunny", "cloudy", "rainy", "foggy", "windy", "snowy", "stormy", "clear"]
+WINDS = ["calm", "a light breeze", "a strong wind", "gusts"]
+ADVICE = {
+    "sunny": "Wear a hat.", "cloudy": "Take a jumper.", "rainy": "Take an umbrella.", "foggy": "Drive slowly.",
+    "windy": "Hold on to your hat.", "snowy": "Wear boots.", "stormy": "Stay indoors.", "clear": "Enjoy the stars.",
+}
+
+
+def report(rng: random.Random) -> str:
+    sky = rng.choice(SKIES)
+    return (f"WEATHER. {rng.choice(CITIES)}: {sky}, {rng.randint(-9, 35)} C, {rng.choice(WINDS)}. "
+            f"{ADVICE[sky]} END.")
+
+
+def main(n_train: int = 400, n_val: int = 60, seed: int = 7) -> None:
+    rng = random.Random(seed)
+    folder = Path(__file__).parent / "data"
+    folder.mkdir(exist_ok=True)
+    for name, n in (("train", n_train), ("val", n_val)):
+        lines = [json.dumps({"text": report(rng)}) for _ in range(n)]
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"wrote {n_train} training and {n_val} held-out samples to {folder}")
+
+
+if __name__ == "__main__":
+    main()

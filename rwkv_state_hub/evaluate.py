@@ -1,0 +1,86 @@
+"""Held-out loss and per-token accuracy of a model from a given initial state.
+
+Used by training (validation) and by `rwkv-state eval` (base vs few-shot prompt vs tuned state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset, Sample, collate
+from .model import RWKV, RecurrentState
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy per trained token (nats)
+    accuracy: float  # fraction of trained tokens where the argmax is the target
+    n_tokens: int
+
+    def __str__(self) -> str:
+        return f"loss {self.loss:.4f}, accuracy {self.accuracy:.2%} over {self.n_tokens} tokens"
+
+
+def batch_loss(model: RWKV, batch, state: RecurrentState | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy over trained tokens, number of correct argmax predictions)."""
+    logits, _ = model(batch.inputs, state, batch.mask)
+    nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")
+    correct = ((logits.argmax(-1) == batch.targets).float() * batch.loss_mask).sum()
+    return (nll * batch.loss_mask).sum(), correct
+
+
+@torch.no_grad()
+def evaluate(
+    model: RWKV,
+    samples: Dataset | list[Sample],
+    state: RecurrentState | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> EvalResult:
+    total, correct, n = 0.0, 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = collate([samples[i] for i in range(start, min(start + batch_size, len(samples)))]).to(device)
+        loss_sum, right = batch_loss(model, batch, state)
+        total += float(loss_sum)
+        correct += float(right)
+        n += batch.n_trained
+    return EvalResult(total / max(n, 1), correct / max(n, 1), n)
+
+
+def compare(
+    model_path: str,
+    data: list[str],
+    states: list[str],
+    few_shot_data: str | None = None,
+    shots: int = 3,
+    tokenizer_name: str | None = None,
+    ctx_len: int = 512,
+    force: bool = False,
+) -> list[dict]:
+    """The table of `rwkv-state eval`: base model (zero state), base model after a few-shot prompt drawn
+    from `few_shot_data`, and each tuned state, all on the same held-out samples."""
+    from .data import load_dataset
+    from .formats import load_state
+    from .model import load_model
+    from .tokenizer import get_tokenizer
+
+    model = load_model(model_path)
+    tok = get_tokenizer(tokenizer_name, model.spec)
+    held_out = load_dataset(data, tok, ctx_len, model.spec.vocab_size)
+    rows = [{"name": "base model (zero state)", **vars(evaluate(model, held_out))}]
+    if few_shot_data:
+        pool = load_dataset(few_shot_data, tok, ctx_len, model.spec.vocab_size)
+        prompt = [t for i in range(min(shots, len(pool))) for t in pool[i].tokens]
+        with torch.no_grad():
+            _, after_prompt = model(torch.tensor([prompt]))
+        rows.append({"name": f"base + {min(shots, len(pool))}-shot prompt ({len(prompt)} tokens)",
+                     **vars(evaluate(model, held_out, after_prompt))})
+    for path in states:
+        state = load_state(path)
+        state.check(model.spec, force=force)
+        rows.append({"name": f"state {Path(path).name}", **vars(evaluate(model, held_out, state.to_recurrent()))})
+    return rows

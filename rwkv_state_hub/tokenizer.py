@@ -1,0 +1,176 @@
+"""Text <-> token ids for the models we tune: the World tokenizer, byte vocabularies, Hugging Face tokenizer.json.
+
+A state is only as good as the match between the tokens it was trained on and the tokens its model reads,
+so every tokenizer says how many ids it can produce, and `get_tokenizer` refuses one that does not fit.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import StateHubError
+
+if TYPE_CHECKING:
+    from .checkpoint import ModelSpec
+
+WORLD_VOCAB = "rwkv_vocab_v20230424.txt"
+WORLD_VOCAB_SIZE = 65536
+BUILTIN = ("world", "bytes", "utf-16-le")
+
+# End-of-document names seen in tokenizer.json files, most common first; any other special token
+# whose name mentions eos / endoftext is the fallback.
+_EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|end|>")
+_EOD_PATTERN = re.compile(r"eos|end_?of_?text", re.IGNORECASE)
+
+
+class Tokenizer(ABC):
+    """What the data pipeline and the trainer need from a tokenizer, whatever its kind."""
+
+    name: str
+    vocab_size: int
+    eod: int | None  # the id that ends a document, if the vocabulary has one
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} ({self.vocab_size} tokens)>"
+
+
+class WorldTokenizer(Tokenizer):
+    """The RWKV World tokenizer, exactly as the `rwkv` pip package runs it (its own TRIE_TOKENIZER and vocab file)."""
+
+    name = "world"
+    vocab_size = WORLD_VOCAB_SIZE
+    eod = 0
+
+    def __init__(self) -> None:
+        self._trie = _world_trie()
+
+    def encode(self, text: str) -> list[int]:
+        return self._trie.encodeBytes(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids with no text (0, the end of a document, and the unused ids at the top) decode to nothing;
+        a cut through a UTF-8 character decodes to U+FFFD instead of failing the whole string."""
+        table = self._trie.idx2token
+        out = []
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the World vocabulary (0..{self.vocab_size - 1})")
+            out.append(table.get(i, b""))
+        return b"".join(out).decode("utf-8", errors="replace")
+
+
+@functools.lru_cache(maxsize=1)
+def _world_trie():
+    """Building the trie over 65k tokens takes about two seconds: do it once per process."""
+    import rwkv
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    vocab = Path(rwkv.__file__).parent / WORLD_VOCAB
+    if not vocab.is_file():
+        raise StateHubError(f"{vocab}: the World vocabulary is missing from the rwkv package; reinstall it")
+    return TRIE_TOKENIZER(str(vocab))
+
+
+class ByteTokenizer(Tokenizer):
+    """One token per byte of the text in a fixed encoding: the tiny test models (UTF-8, or UTF-16-LE for v6).
+
+    Token 0 is an ordinary byte here, so there is no end-of-document id."""
+
+    vocab_size = 256
+    eod = None
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self.name = "bytes" if encoding == "utf-8" else encoding
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode(self.encoding))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode(self.encoding, errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, read with the `tokenizers` library (a JSON file: no code runs from it)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer as _HF
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise StateHubError(f"{path}: no such tokenizer file")
+        try:
+            self._tok = _HF.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions for any bad file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise StateHubError(f"{path}: not a valid tokenizer.json ({reason})") from None
+        self.path = path
+        self.name = f"hf:{path}"
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eod = _find_eod(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        # no automatic BOS/EOS: the data pipeline decides exactly which tokens a sample holds
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids))
+
+
+def _find_eod(tok) -> int | None:
+    special = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    for name in _EOD_NAMES:
+        if name in special:
+            return special[name]
+    found = sorted(i for content, i in special.items() if _EOD_PATTERN.search(content))
+    return found[0] if found else None
+
+
+def get_tokenizer(name: str | None = None, spec: ModelSpec | None = None) -> Tokenizer:
+    """name: "world" | "bytes" (UTF-8 bytes) | "utf-16-le" | a path to a Hugging Face tokenizer.json.
+
+    None: chosen from spec.vocab_size (65536 -> world, 256 -> bytes); anything else needs --tokenizer,
+    because guessing wrong trains a state on text the model never reads.
+    """
+    if name is None:
+        if spec is None:
+            raise StateHubError("no tokenizer named and no model to choose one from; pass --tokenizer")
+        if spec.vocab_size == WORLD_VOCAB_SIZE:
+            return WorldTokenizer()
+        if spec.vocab_size == 256:
+            return ByteTokenizer("utf-8")
+        raise StateHubError(f"model {spec.name} has a vocabulary of {spec.vocab_size} tokens, which matches no "
+                            "built-in tokenizer; pass --tokenizer (world, bytes, utf-16-le or a tokenizer.json)")
+    tok = _named(name)
+    if spec is not None and tok.vocab_size > spec.vocab_size:
+        raise StateHubError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but model {spec.name} "
+                            f"has {spec.vocab_size}")
+    return tok
+
+
+def _named(name: str) -> Tokenizer:
+    key = name.strip().lower()
+    if key == "world":
+        return WorldTokenizer()
+    if key in ("bytes", "utf-8", "utf8"):
+        return ByteTokenizer("utf-8")
+    if key in ("utf-16-le", "utf-16le", "utf16le"):
+        return ByteTokenizer("utf-16-le")
+    path = name.removeprefix("hf:")
+    if not Path(path).exists():
+        raise StateHubError(f"unknown tokenizer {name!r}: expected world, bytes, utf-16-le or the path of a "
+                            "tokenizer.json (no such file)")
+    return HFTokenizer(path)
