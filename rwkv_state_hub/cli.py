@@ -187,6 +187,40 @@ def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, 
         click.echo(f"{r['name']:<34} {r['loss']:>8.4f} {r['accuracy']:>9.2%} {r['n_tokens']:>8}")
 
 
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Base model .pth.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), help="A state: shown beside the base model.")
+@click.option("--prompt", default="", help="Text to continue.")
+@click.option("--max-tokens", type=int, default=80, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=0.85, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--samples", type=int, default=1, show_default=True, help="Continuations of each.")
+@click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
+@click.option("--force", is_flag=True, help="Use a state made for another base model anyway.")
+def generate(model, state_path, prompt, max_tokens, temperature, top_p, seed, samples, tokenizer, force) -> None:
+    """Continue a prompt with the base model and, with --state, with the tuned state, side by side."""
+    from .generate import generate as run
+    from .model import load_model
+    from .tokenizer import get_tokenizer
+
+    m = load_model(model)
+    tok = get_tokenizer(tokenizer, m.spec)
+    state = None
+    if state_path:
+        state = load_state(state_path)
+        for p in state.check(m.spec, force=force):
+            click.echo(f"warning: {p}", err=True)
+    if not prompt:
+        raise StateHubError("--prompt is empty: a model reads one token before it predicts one")
+    columns = [("base model", None)] + ([(f"state {state_path}", state)] if state else [])
+    for name, st in columns:
+        click.echo(f"--- {name}")
+        for i in range(samples):
+            text = run(m, tok, prompt, st, max_tokens, temperature, top_p, seed + i)
+            click.echo(f"{prompt}{text}".replace("\n", "\n    ") if samples == 1 else f"[{i + 1}] {prompt}{text}")
+
+
 def main() -> None:
     cli(prog_name="rwkv-state")
 
