@@ -167,6 +167,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     out = Path(cfg.out)
     if cfg.precision not in ("fp32", "bf16"):
         raise StateHubError(f"--precision {cfg.precision}: choose fp32 or bf16")
+    for fmt in cfg.export:
+        if fmt not in EXPORT_NAMES:
+            raise StateHubError(f"--export {fmt}: choose from {', '.join(EXPORT_NAMES)}")
 
     spec, weights = read_checkpoint(cfg.model)
     model = build_model(spec, weights, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
@@ -284,8 +287,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     if ddp.main:
         save_native(state, out / "state.safetensors")
         for fmt in cfg.export:
-            if fmt not in EXPORT_NAMES:
-                raise StateHubError(f"--export {fmt}: choose from {', '.join(EXPORT_NAMES)}")
             export_state(state, out / EXPORT_NAMES[fmt], fmt)
         plot_losses(metrics, out / "loss.png", title=f"{spec.name}: state tuning")
     ddp.barrier()

@@ -136,6 +136,9 @@ def test_config_file_and_refusals(tmp_path):
         train(c, progress=False)
     with pytest.raises(StateHubError, match="micro_bsz"):
         train(cfg(tmp_path, micro_bsz=1), resume=True, progress=False)
+    with pytest.raises(StateHubError, match="--export gguf"):  # refused before any training
+        train(cfg(tmp_path, out=str(tmp_path / "new"), export=["gguf"]), progress=False)
+    assert not (tmp_path / "new").exists()
     bad = tmp_path / "bad.toml"
     bad.write_text('model = "m"\ndata = ["d"]\nlearning_rate = 3\n')
     r = subprocess.run([*CLI, "train", "--config", str(bad)], capture_output=True, text=True, env=ENV)
