@@ -11,7 +11,7 @@ import click
 from . import __version__
 from .checkpoint import read_spec
 from .errors import StateHubError
-from .formats import FORMATS, PTH_DTYPES, export_state, load_state
+from .formats import FORMATS, PTH_DTYPES, export_state, load_state, save_native
 from .info import describe
 
 
@@ -219,6 +219,67 @@ def generate(model, state_path, prompt, max_tokens, temperature, top_p, seed, sa
         for i in range(samples):
             text = run(m, tok, prompt, st, max_tokens, temperature, top_p, seed + i)
             click.echo(f"{prompt}{text}".replace("\n", "\n    ") if samples == 1 else f"[{i + 1}] {prompt}{text}")
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Base model .pth.")
+@click.option("--prompt", help="The text to bake into a state.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a file.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output state.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="safetensors", show_default=True)
+@click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
+def bake(model, prompt, prompt_file, output, fmt, tokenizer) -> None:
+    """Run a prompt through the model and save the state it leaves: a state without training."""
+    from .model import load_model
+    from .tokenizer import get_tokenizer
+    from .toolbox import bake as run
+
+    if (prompt is None) == (prompt_file is None):
+        raise StateHubError("give exactly one of --prompt and --prompt-file")
+    if prompt_file:
+        try:
+            prompt = open(prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateHubError(f"{prompt_file}: cannot read as UTF-8 text ({e})") from None
+    m = load_model(model)
+    state = run(m, get_tokenizer(tokenizer, m.spec), prompt)
+    for note in export_state(state, output, fmt, base_model=model if fmt == "merged" else None):
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {output}: {state.metadata['training']['prompt_tokens']} prompt tokens baked into a "
+               f"{state.dims()} state for {m.spec.name}")
+
+
+@cli.command()
+@click.argument("states", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--weights", required=True, help="Comma-separated, one per state, e.g. 0.7,0.3.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output state (native).")
+def mix(states, weights, output) -> None:
+    """A weighted combination of states made for the same base model."""
+    from .toolbox import mix as run
+
+    try:
+        w = [float(x) for x in weights.split(",")]
+    except ValueError:
+        raise StateHubError(f"--weights {weights}: expected numbers separated by commas") from None
+    mixed = run([load_state(s) for s in states], w)
+    save_native(mixed, output)
+    click.echo(f"wrote {output}: " + " + ".join(f"{x:g} x {s}" for x, s in zip(w, states, strict=True)))
+
+
+@cli.command()
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--png", type=click.Path(dir_okay=False), help="Also save the table as a heatmap PNG.")
+def diff(a, b, png) -> None:
+    """Per-layer, per-head relative difference ||A - B|| / max(||A||, ||B||) of two states."""
+    from .toolbox import diff as run
+    from .toolbox import diff_table, save_heatmap
+
+    d = run(load_state(a), load_state(b))
+    click.echo(diff_table(d))
+    if png:
+        save_heatmap(d, png)
+        click.echo(f"wrote {png}")
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from conftest import EXAMPLE_MODEL, random_state_like
 from rwkv_state_hub import __version__, load_state, read_spec, save_native
 from rwkv_state_hub.cli import cli
 
-COMMANDS = ["info", "check", "export", "train", "eval", "generate"]
+COMMANDS = ["info", "check", "export", "train", "eval", "generate", "bake", "mix", "diff"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

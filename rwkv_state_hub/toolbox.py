@@ -1,0 +1,99 @@
+"""Operations on states that need no training: bake one from a prompt, mix several, compare two."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import StateHubError
+from .files import atomic_write
+from .model import RWKV
+from .state import State
+from .tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def bake(model: RWKV, tokenizer: Tokenizer, prompt: str) -> State:
+    """Run `prompt` from the zero state and keep the whole recurrent state it leaves behind, token shift
+    included: continuing from it equals continuing after the prompt. The cheapest state there is, and
+    the baseline a trained state must beat."""
+    tokens = tokenizer.encode(prompt)
+    if not tokens:
+        raise StateHubError("the prompt is empty: nothing to bake")
+    _, final = model(torch.tensor([tokens], device=model.emb.weight.device))
+    return State.from_recurrent(
+        final, model.spec, full_state=True, tokenizer=tokenizer.name,
+        training={"method": "baked", "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+                  "prompt_tokens": len(tokens), "prompt_chars": len(prompt)},
+    )
+
+
+def mix(states: list[State], weights: list[float]) -> State:
+    """sum_i weights[i] * states[i]: for states of one base model only (by dims and by sha256)."""
+    if len(states) < 2 or len(states) != len(weights):
+        raise StateHubError(f"mix needs two or more states and one weight each, got {len(states)} and {len(weights)}")
+    first = states[0]
+    for s in states[1:]:
+        if s.wkv.shape != first.wkv.shape:
+            raise StateHubError(f"{s.source}: {s.dims()}, but {first.source} has {first.dims()}: not the same model")
+        a, b = first.base_model_sha256, s.base_model_sha256
+        if a and b and a != b:
+            raise StateHubError(f"{s.source}: made for base model sha256 {b[:12]}, but {first.source} for {a[:12]}: "
+                                "states of different base models cannot be mixed")
+        if s.arch and first.arch and s.arch != first.arch:
+            raise StateHubError(f"{s.source}: an RWKV {s.arch} state, but {first.source} is {first.arch}")
+    wkv = sum(w * s.wkv.float() for w, s in zip(weights, states, strict=True))
+    shift = None
+    if any(s.shift is not None for s in states):  # a state without a token shift has a zero one
+        shift = sum(w * (s.shift if s.shift is not None else torch.zeros(s.n_layer, 2, s.n_embd))
+                    for w, s in zip(weights, states, strict=True))
+    base = next((s for s in states if s.base_model_sha256), first)
+    identity = {k: v for k, v in base.metadata.items() if k.startswith("base_model") or k in
+                ("arch", "n_layer", "n_embd", "n_head", "head_size", "tokenizer")}
+    parents = [{"file": Path(s.source).name, "weight": w, "method": (s.metadata.get("training") or {}).get("method")}
+               for s, w in zip(states, weights, strict=True)]
+    return State(wkv, shift, {**identity, "training": {"method": "mixed", "parents": parents}}, source="mix")
+
+
+def diff(a: State, b: State) -> torch.Tensor:
+    """Per layer and head: ||a - b|| / max(||a||, ||b||) over the head's N x N matrix, [L, H], in [0, 2]."""
+    if a.wkv.shape != b.wkv.shape:
+        raise StateHubError(f"{b.source}: {b.dims()}, but {a.source} has {a.dims()}: nothing to compare")
+    num = (a.wkv - b.wkv).flatten(2).norm(dim=-1)
+    den = torch.maximum(a.wkv.flatten(2).norm(dim=-1), b.wkv.flatten(2).norm(dim=-1)).clamp_min(1e-12)
+    return num / den
+
+
+def diff_table(d: torch.Tensor) -> str:
+    """The diff as text: one row a layer, one column a head (mean and max at the end of each row)."""
+    L, H = d.shape
+    show = min(H, 16)
+    head = "layer " + " ".join(f"h{h:<4}" for h in range(show)) + ("  ..." if H > show else "") + "   mean    max"
+    rows = [head]
+    for i in range(L):
+        cells = " ".join(f"{float(v):5.3f}" for v in d[i, :show])
+        more = "  ..." if H > show else ""
+        rows.append(f"{i:>5} {cells}{more}  {float(d[i].mean()):5.3f}  {float(d[i].max()):5.3f}")
+    return "\n".join(rows)
+
+
+def save_heatmap(d: torch.Tensor, path: str | os.PathLike, cell: int = 24) -> None:
+    """The diff as a PNG: white = equal, dark red = as different as can be; layers down, heads across."""
+    from PIL import Image, ImageDraw
+
+    L, H = d.shape
+    left, top = 40, 30
+    img = Image.new("RGB", (left + H * cell + 10, top + L * cell + 10), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 8), "relative difference per head (0 white .. 1+ dark red)", fill=(40, 40, 40))
+    for i in range(L):
+        draw.text((8, top + i * cell + 6), str(i), fill=(40, 40, 40))
+        for h in range(H):
+            v = min(float(d[i, h]), 1.0)
+            colour = (255 - int(90 * v), int(255 * (1 - v)), int(255 * (1 - v)))
+            draw.rectangle([left + h * cell, top + i * cell, left + (h + 1) * cell - 1, top + (i + 1) * cell - 1],
+                           fill=colour)
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
