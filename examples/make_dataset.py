@@ -1,10 +1,11 @@
-"""Write the example data set: short weather reports in one fixed house style.
+"""Write the example data sets: short weather reports in one fixed house style, and (for mixing
+states) short match reports in another.
 
 Generated here from word lists (so the licence is ours: Apache-2.0, like the code), deterministic
 (seeded), with a held-out split. The style is what a state can learn and a base model cannot guess:
 every report opens the same way and follows the same template.
 
-    python examples/make_dataset.py            # writes examples/data/train.jsonl and val.jsonl
+    python examples/make_dataset.py   # examples/data/{train,val}.jsonl and sports-{train,val}.jsonl
 """
 
 from __future__ import annotations
@@ -30,14 +31,25 @@ def report(rng: random.Random) -> str:
             f"{ADVICE[sky]} END.")
 
 
+TEAMS = ["Rovers", "United", "Athletic", "Wanderers", "Rangers", "City", "Albion", "Harriers", "Town", "Celtic"]
+MOODS = {True: "Fans sang all night.", False: "Fans went home quiet."}
+
+
+def match(rng: random.Random) -> str:
+    home, away = rng.sample(TEAMS, 2)
+    a, b = rng.randint(0, 5), rng.randint(0, 5)
+    return f"SPORT. {home} {a}, {away} {b}. {MOODS[a > b]} END."
+
+
 def main(n_train: int = 400, n_val: int = 60, seed: int = 7) -> None:
     rng = random.Random(seed)
     folder = Path(__file__).parent / "data"
     folder.mkdir(exist_ok=True)
-    for name, n in (("train", n_train), ("val", n_val)):
-        lines = [json.dumps({"text": report(rng)}) for _ in range(n)]
-        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"wrote {n_train} training and {n_val} held-out samples to {folder}")
+    for prefix, make in (("", report), ("sports-", match)):
+        for name, n in (("train", n_train), ("val", n_val)):
+            lines = [json.dumps({"text": make(rng)}) for _ in range(n)]
+            (folder / f"{prefix}{name}.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"wrote {n_train} training and {n_val} held-out samples of each style to {folder}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+    keep[0] = True  # the most likely token always stays, even with top_p <= 0
     sorted_probs = sorted_probs * keep
     return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)])
 

@@ -73,9 +73,11 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise StateHubError(f"{source}: unknown option {unknown[0]!r}")
-        for key in ("data", "val_data", "export"):
+        for key in ("data", "val_data"):
             if isinstance(d.get(key), str):
                 d = {**d, key: [d[key]]}
+        if isinstance(d.get("export"), str):
+            d = {**d, "export": [x for x in d["export"].split(",") if x]}
         return cls(**d)
 
     def to_toml(self) -> str:
@@ -104,7 +106,8 @@ class _Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # gloo for the small CPU-side sums (token counts, losses, the stop flag), NCCL for CUDA tensors
+            dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
 
     @property
     def main(self) -> bool:
@@ -121,11 +124,17 @@ class _Distributed:
 
 
 def _pick_device(name: str) -> torch.device:
+    """auto: CUDA when there is one. Under torchrun each process takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise StateHubError("--device cuda: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _order(n: int, epoch: int, seed: int) -> list[int]:
@@ -167,6 +176,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     out = Path(cfg.out)
     if cfg.precision not in ("fp32", "bf16"):
         raise StateHubError(f"--precision {cfg.precision}: choose fp32 or bf16")
+    if not (cfg.lr_init > 0 and cfg.lr_final > 0):
+        raise StateHubError(f"--lr-init {cfg.lr_init} / --lr-final {cfg.lr_final}: both must be > 0 "
+                            "(the decay is geometric; use a small --lr-final such as 1e-4 for 'almost zero')")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise StateHubError(f"--steps {cfg.steps}: must be at least 1 (or leave it out to use --epochs)")
     for fmt in cfg.export:
         if fmt not in EXPORT_NAMES:
             raise StateHubError(f"--export {fmt}: choose from {', '.join(EXPORT_NAMES)}")
@@ -222,7 +236,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
 
     stop = {"requested": False}
     previous_handler = None
-    if ddp.main and _is_main_thread():
+    if _is_main_thread():  # every rank: torchrun passes Ctrl-C to each worker, and they stop together
         def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, stop; second: abort
             if stop["requested"]:
                 raise KeyboardInterrupt
@@ -241,7 +255,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             mine = indices[ddp.rank * cfg.micro_bsz * cfg.grad_accum : (ddp.rank + 1) * cfg.micro_bsz * cfg.grad_accum]
             micro = [collate([data[i] for i in mine[j : j + cfg.micro_bsz]]).to(device)
                      for j in range(0, len(mine), cfg.micro_bsz)]
-            n_global = int(ddp.sum_(torch.tensor([sum(b.n_trained for b in micro)], dtype=torch.float64)).item())
+            counts = ddp.sum_(torch.tensor([sum(b.n_trained for b in micro), sum(int(b.mask.sum()) for b in micro)],
+                                           dtype=torch.float64))
+            n_global, n_inputs = int(counts[0]), int(counts[1])
             opt.zero_grad(set_to_none=False)
             loss_sum = torch.zeros((), dtype=torch.float64)
             for batch in micro:
@@ -254,7 +270,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             opt.step()
             loss_value = float(ddp.sum_(loss_sum)) / max(n_global, 1)
             run["step"] = step + 1
-            run["tokens"] += sum(int(b.mask.sum()) for b in micro) * ddp.world
+            run["tokens"] += n_inputs
             entry = {"step": run["step"], "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": run["tokens"]}
             if val is not None and (run["step"] % cfg.val_every == 0 or run["step"] == total):
                 r = validate()
@@ -308,10 +324,20 @@ def _any(ddp: _Distributed, flag: bool) -> bool:
 
 
 def _read_metrics(out: Path) -> list[dict]:
+    """The metrics logged so far; a line torn by a crash is skipped, not the whole history."""
     try:
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
         return []
+    metrics = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            metrics.append(entry)
+    return metrics
 
 
 def _to_state(learned: LearnedState, spec, cfg: TrainConfig, data: Dataset, run: dict, which: str) -> State:

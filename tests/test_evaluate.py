@@ -66,6 +66,7 @@ def test_sampling():
     assert sample_token(logits, 0, 0.9, g) == 1  # greedy
     draws = {sample_token(logits, 1.0, 0.3, g) for _ in range(50)}
     assert draws == {1}  # top-p 0.3 keeps only the most likely token
+    assert {sample_token(logits, 1.0, 0.0, g) for _ in range(20)} == {1}  # top-p 0 keeps the top token
     draws = {sample_token(logits, 1.0, 0.99, g) for _ in range(200)}
     assert {1, 2} <= draws and 3 not in draws
 

@@ -116,3 +116,39 @@ def test_commands_on_the_bundled_model(tmp_path):
     r = subprocess.run([*CLI, "export", str(a), "--format", "pth", "-o", str(tmp_path / "a.pth")],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "token shift" in r.stderr  # the consumer is told what it will not get
+
+
+def test_mix_of_two_styles_is_evaluated_on_both_held_out_sets(tmp_path):
+    """The benchmark's table in small: two states trained on two styles, their mix, `rwkv-state eval` on
+    each held-out set; every row is the loss of that state on those samples (no claim that mixing helps)."""
+    import json
+
+    from rwkv_state_hub.data import load_dataset
+    from rwkv_state_hub.evaluate import evaluate
+    from rwkv_state_hub.train import TrainConfig, train
+
+    model_path = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+    data = REPO / "examples" / "data"
+    paths = {}
+    for name, prefix in (("weather", ""), ("sports", "sports-")):
+        cfg = TrainConfig(model=str(model_path), data=[str(data / f"{prefix}train.jsonl")], out=str(tmp_path / name),
+                          steps=6, micro_bsz=4)
+        train(cfg, progress=False)
+        paths[name] = tmp_path / name / "state.safetensors"
+    mixed = tmp_path / "mix.safetensors"
+    save_native(mix([load_state(paths["weather"]), load_state(paths["sports"])], [0.5, 0.5]), mixed)
+    model, tok = load_model(model_path), get_tokenizer("bytes")
+    for prefix in ("", "sports-"):
+        val = tmp_path / f"{prefix}val.jsonl"
+        val.write_text("\n".join((data / f"{prefix}val.jsonl").read_text().splitlines()[:10]) + "\n")
+        r = subprocess.run([*CLI, "eval", "--model", str(model_path), "--data", str(val), "--json",
+                            *[a for p in (paths["weather"], paths["sports"], mixed) for a in ("--state", str(p))]],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        rows = json.loads(r.stdout)
+        held_out = load_dataset(val, tok, 512)
+        states = (paths["weather"], paths["sports"], mixed)
+        expected = [evaluate(model, held_out).loss]
+        expected += [evaluate(model, held_out, load_state(p).to_recurrent()).loss for p in states]
+        assert [row["loss"] for row in rows] == pytest.approx(expected)
+        assert len({round(x, 6) for x in expected}) == 4  # four different states, four different losses

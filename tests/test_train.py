@@ -136,6 +136,10 @@ def test_config_file_and_refusals(tmp_path):
         train(c, progress=False)
     with pytest.raises(StateHubError, match="micro_bsz"):
         train(cfg(tmp_path, micro_bsz=1), resume=True, progress=False)
+    for bad, words in ((dict(lr_final=0.0), "lr-final"), (dict(steps=0), "--steps 0")):
+        with pytest.raises(StateHubError, match=words):
+            train(cfg(tmp_path, out=str(tmp_path / "new"), **bad), progress=False)
+    assert TrainConfig.from_dict({"model": "m", "data": "d", "export": "pth,ai00"}).export == ["pth", "ai00"]
     with pytest.raises(StateHubError, match="--export gguf"):  # refused before any training
         train(cfg(tmp_path, out=str(tmp_path / "new"), export=["gguf"]), progress=False)
     assert not (tmp_path / "new").exists()
@@ -206,6 +210,13 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert a.metadata["training"]["tokens_seen"] == b.metadata["training"]["tokens_seen"]
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))  # the steps redone after the kill are not logged twice
+
+
+def test_a_torn_metrics_line_loses_only_itself(tmp_path):
+    from rwkv_state_hub.train import _read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.9}\n{"step": 3, "lo')
+    assert [m["step"] for m in _read_metrics(tmp_path)] == [1, 2]
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
