@@ -130,6 +130,9 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Weights' dtype; the state is always fp32.")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations (less memory).")
 @click.option("--full-state/--no-full-state", default=None, help="Also learn the token-shift states.")
+@click.option("--state-encoder/--no-state-encoder", default=None,
+              help="Learn the state through a per-layer MLP (training only; the saved state is plain).")
+@click.option("--encoder-lr-scale", type=float, help="Encoder learning rate relative to --lr-init.  [default: 0.03]")
 @click.option("--seed", type=int, help="[default: 42]")
 @click.option("--val-every", type=int, help="[default: 50]")
 @click.option("--save-every", type=int, help="Checkpoint interval in steps.  [default: 50]")

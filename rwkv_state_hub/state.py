@@ -132,7 +132,8 @@ class State:
 
     @classmethod
     def from_learned(cls, learned, spec: ModelSpec, **metadata) -> State:
-        """Freeze a LearnedState into a State for `spec` (token shift kept only if it was learned)."""
+        """Freeze a LearnedState (or EncodedState) into a plain State for `spec` (token shift kept only if it
+        was learned)."""
         shift = learned.shift.detach().float().cpu().clone() if learned.full_state else None
         return cls(learned.wkv.detach().float().cpu().clone(), shift, {**for_model(spec), **metadata})
 

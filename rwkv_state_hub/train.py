@@ -28,7 +28,7 @@ from .errors import StateHubError
 from .evaluate import EvalResult, batch_loss, evaluate
 from .files import atomic_write, atomic_write_bytes
 from .formats import export_state, save_native
-from .model import LearnedState, RecurrentState, build_model
+from .model import EncodedState, LearnedState, RecurrentState, build_model
 from .plot import plot_losses
 from .state import State
 from .tokenizer import get_tokenizer
@@ -61,6 +61,8 @@ class TrainConfig:
     precision: str = "fp32"
     grad_checkpoint: bool = False
     full_state: bool = False
+    state_encoder: bool = False  # learn the state through a per-layer MLP (training only)
+    encoder_lr_scale: float = 0.03  # the encoder's learning rate relative to --lr-init
     seed: int = 42
     val_every: int = 50
     save_every: int = 50
@@ -195,8 +197,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
 
     global_bsz = cfg.micro_bsz * cfg.grad_accum * ddp.world
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(data) / global_bsz))
-    learned = LearnedState(spec, cfg.full_state).to(device)
-    opt = torch.optim.Adam(learned.parameters(), lr=cfg.lr_init, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    if cfg.state_encoder:
+        learned = EncodedState(spec, cfg.full_state).to(device)
+        encoder = learned.encoder_parameters()
+        groups = [{"params": encoder, "lr_scale": cfg.encoder_lr_scale}]
+        rest = [p for p in learned.parameters() if all(p is not q for q in encoder)]
+        groups += [{"params": rest, "lr_scale": 1.0}] if rest else []
+    else:
+        learned = LearnedState(spec, cfg.full_state).to(device)
+        groups = [{"params": list(learned.parameters()), "lr_scale": 1.0}]
+    opt = torch.optim.Adam(groups, lr=cfg.lr_init, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
     run = {"step": 0, "tokens": 0, "best_val": None, "final_val": None}
     metrics: list[dict] = []
 
@@ -250,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             step = run["step"]
             lr = lr_at(step, total, cfg)
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             indices = global_batch_indices(step, len(data), global_bsz, cfg.seed)
             mine = indices[ddp.rank * cfg.micro_bsz * cfg.grad_accum : (ddp.rank + 1) * cfg.micro_bsz * cfg.grad_accum]
             micro = [collate([data[i] for i in mine[j : j + cfg.micro_bsz]]).to(device)
@@ -340,9 +350,11 @@ def _read_metrics(out: Path) -> list[dict]:
     return metrics
 
 
-def _to_state(learned: LearnedState, spec, cfg: TrainConfig, data: Dataset, run: dict, which: str) -> State:
+def _to_state(
+    learned: LearnedState | EncodedState, spec, cfg: TrainConfig, data: Dataset, run: dict, which: str
+) -> State:
     summary = {
-        "method": "state-tuning",
+        "method": "state-tuning" + (" (state encoder)" if cfg.state_encoder else ""),
         "which": which,
         "steps": run["step"],
         "tokens_seen": run["tokens"],

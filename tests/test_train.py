@@ -259,3 +259,20 @@ def test_two_processes_equal_one(tmp_path):
     assert ddp.wkv.abs().max() > 1e-3
     assert torch.allclose(ddp.wkv, one.wkv, atol=1e-5, rtol=0)
     assert torch.equal(ddp.wkv, accum.wkv)
+
+
+def test_state_encoder_trains_and_saves_a_plain_state(tmp_path):
+    from rwkv_state_hub.model import EncodedState
+
+    spec = load_model(MODEL).spec
+    enc = EncodedState(spec)
+    assert torch.equal(enc.wkv, torch.zeros(spec.state_shape()))  # starts where a plain state starts
+    c = cfg(tmp_path, state_encoder=True, encoder_lr_scale=0.03, steps=3, val_data=[str(VAL)], val_every=3)
+    result = train(c, progress=False)
+    saved = load_state(Path(c.out) / "state.safetensors")
+    assert saved.wkv.abs().max() > 0 and "encoder" in saved.metadata["training"]["method"]
+    # what consumers get is the encoder's output: the saved plain state gives the validation loss it logged
+    val = load_dataset(VAL, get_tokenizer("bytes"), 512)
+    assert evaluate(load_model(MODEL), val, saved.to_recurrent()).loss == pytest.approx(result.final_val.loss, rel=1e-5)
+    ck = torch.load(Path(c.out) / "checkpoint.pt", weights_only=True)
+    assert "w2" in ck["learned"]  # resume restores the encoder, not only its output

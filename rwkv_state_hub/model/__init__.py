@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import ModelSpec, read_checkpoint, spec_from_state_dict
 from . import v5, v6, v7
-from .common import RWKV, LearnedState, RecurrentState
+from .common import RWKV, EncodedState, LearnedState, RecurrentState
 
 _MIXERS = {"v5.2": (v5.TimeMix, v5.ChannelMix), "v6": (v6.TimeMix, v6.ChannelMix), "v7": (v7.TimeMix, v7.ChannelMix)}
 
@@ -53,4 +53,6 @@ def model_from_state_dict(weights: dict[str, Tensor], dtype: torch.dtype | None 
     return build_model(spec_from_state_dict(weights), weights, dtype=dtype, **kwargs)
 
 
-__all__ = ["RWKV", "LearnedState", "RecurrentState", "build_model", "load_model", "model_from_state_dict"]
+__all__ = [
+    "RWKV", "EncodedState", "LearnedState", "RecurrentState", "build_model", "load_model", "model_from_state_dict",
+]

@@ -91,6 +91,41 @@ class LearnedState(nn.Module):
         return RecurrentState(self.wkv[None], self.shift[None, :, 0], self.shift[None, :, 1])
 
 
+class EncodedState(nn.Module):
+    """A LearnedState reparameterised for training: each layer's wkv state is an MLP of a small learned
+    embedding (prefix tuning's trick; RWKV-StateTuning reports it trains better). Only the resulting plain
+    state is ever saved, so consumers see no difference. The output layer starts at zero: so does the state."""
+
+    def __init__(self, spec: ModelSpec, full_state: bool = False, embed: int = 32, hidden: int = 64):
+        super().__init__()
+        L, C, H, N = spec.n_layer, spec.n_embd, spec.n_head, spec.head_size
+        self._shape = (L, H, N, N)
+        self.embedding = nn.Parameter(torch.randn(L, embed))
+        self.w1 = nn.Parameter(torch.randn(L, embed, hidden) / embed**0.5)
+        self.b1 = nn.Parameter(torch.zeros(L, hidden))
+        self.w2 = nn.Parameter(torch.zeros(L, hidden, H * N * N))
+        self.b2 = nn.Parameter(torch.zeros(L, H * N * N))
+        if full_state:
+            self.shift = nn.Parameter(torch.zeros(L, 2, C))
+        else:
+            self.register_buffer("shift", torch.zeros(L, 2, C))
+
+    @property
+    def full_state(self) -> bool:
+        return isinstance(self.shift, nn.Parameter)
+
+    @property
+    def wkv(self) -> Tensor:
+        h = torch.tanh(torch.einsum("le,leh->lh", self.embedding, self.w1) + self.b1)
+        return (torch.einsum("lh,lhs->ls", h, self.w2) + self.b2).view(self._shape)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return [self.embedding, self.w1, self.b1, self.w2, self.b2]
+
+    def forward(self) -> RecurrentState:
+        return RecurrentState(self.wkv[None], self.shift[None, :, 0], self.shift[None, :, 1])
+
+
 def linear(x: Tensor, layer: nn.Linear) -> Tensor:
     """The matmul in the weight's own dtype (bf16 checkpoints stay bf16); the result in x's dtype (fp32)."""
     w = layer.weight
