@@ -66,3 +66,8 @@ def random_state_like(spec, seed: int = 0, scale: float = 1.0, full: bool = Fals
     return State(wkv, shift).with_model(spec)
 
 
+
+
+# One intra-op thread: these tests run many tiny ops, where a second thread buys nothing, and two
+# spinning OpenMP pools on a busy 2-core machine can slow a test a hundredfold.
+torch.set_num_threads(1)

@@ -244,3 +244,25 @@ def test_learning_the_state_of_a_real_model_lowers_its_loss(name, enc, ratio):
         a, _ = model(tokens, learned())
         b, _ = model(tokens, state.to_recurrent())
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_wkv_equals_the_reference_loop_through_the_model(random_models, arch, monkeypatch):
+    """The default (chunked) WKV and the plain loops give the same logits and state gradient, end to end
+    (a padded batch longer than one chunk)."""
+    model = load_model(random_models[arch])
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, model.spec.vocab_size, (2, 45), generator=g)
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[1, 30:] = False
+    init = random_state_like(model.spec, seed=4, scale=0.3, full=True)
+    results = []
+    for name in ("reference", "chunked"):
+        monkeypatch.setenv("RWKV_STATE_HUB_WKV", name)
+        rs = init.to_recurrent()
+        rs.wkv.requires_grad_()
+        logits, final = model(tokens, rs, mask)
+        (logits.square().mean() + final.wkv.square().mean()).backward()
+        results.append((logits.detach(), final.wkv.detach(), rs.wkv.grad))
+    for ref, fast in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
