@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .data import Dataset, Sample, collate
 from .model import RWKV, RecurrentState
+from .model.common import linear
 
 
 @dataclass
@@ -25,12 +28,33 @@ class EvalResult:
         return f"loss {self.loss:.4f}, accuracy {self.accuracy:.2%} over {self.n_tokens} tokens"
 
 
-def batch_loss(model: RWKV, batch, state: RecurrentState | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of cross-entropy over trained tokens, number of correct argmax predictions)."""
-    logits, _ = model(batch.inputs, state, batch.mask)
-    nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")
-    correct = ((logits.argmax(-1) == batch.targets).float() * batch.loss_mask).sum()
-    return (nll * batch.loss_mask).sum(), correct
+HEAD_CHUNK = 128  # positions whose logits exist at once: [128, 65536] fp32 is 32 MiB, [512, ...] 128 MiB x 3
+
+
+def _head_loss(hidden: Tensor, head: torch.nn.Linear, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    logits = linear(hidden, head)
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    correct = ((logits.argmax(-1) == targets).to(weight.dtype) * weight).sum()
+    return (nll * weight).sum(), correct
+
+
+def batch_loss(model: RWKV, batch, state: RecurrentState | None) -> tuple[Tensor, Tensor]:
+    """(sum of cross-entropy over trained tokens, number of correct argmax predictions).
+
+    The head and the loss run a chunk of positions at a time and, when training, are recomputed in the
+    backward pass: full-vocabulary logits never exist for the whole sequence at once."""
+    hidden, _ = model.hidden(batch.inputs, state, batch.mask)
+    loss, correct = hidden.new_zeros(()), hidden.new_zeros(())
+    for t in range(0, hidden.shape[1], HEAD_CHUNK):
+        part = (hidden[:, t : t + HEAD_CHUNK], model.head, batch.targets[:, t : t + HEAD_CHUNK],
+                batch.loss_mask[:, t : t + HEAD_CHUNK].to(hidden.dtype))
+        if torch.is_grad_enabled():
+            chunk_loss, chunk_correct = checkpoint(_head_loss, *part, use_reentrant=False)
+        else:
+            chunk_loss, chunk_correct = _head_loss(*part)
+        loss = loss + chunk_loss
+        correct = correct + chunk_correct.detach()
+    return loss, correct
 
 
 @torch.no_grad()

@@ -276,3 +276,30 @@ def test_state_encoder_trains_and_saves_a_plain_state(tmp_path):
     assert evaluate(load_model(MODEL), val, saved.to_recurrent()).loss == pytest.approx(result.final_val.loss, rel=1e-5)
     ck = torch.load(Path(c.out) / "checkpoint.pt", weights_only=True)
     assert "w2" in ck["learned"]  # resume restores the encoder, not only its output
+
+
+def test_chunked_head_and_loss_equal_the_whole_sequence_at_once(monkeypatch):
+    """batch_loss computes the head and the loss 128 positions at a time (recomputed in backward); the loss
+    and the state gradient must equal those from full logits."""
+    import rwkv_state_hub.evaluate as ev
+
+    model = load_model(MODEL)
+    data = load_dataset(TRAIN, get_tokenizer("bytes"), 512)
+    batch = collate([data[i] for i in range(3)])
+    monkeypatch.setattr(ev, "HEAD_CHUNK", 16)  # several chunks on these ~60-byte samples
+    results = []
+    for chunked in (True, False):
+        wkv = torch.zeros(model.spec.state_shape())[None].requires_grad_()
+        rs = ev.RecurrentState(wkv, torch.zeros(1, model.spec.n_layer, 64), torch.zeros(1, model.spec.n_layer, 64))
+        if chunked:
+            loss, correct = batch_loss(model, batch, rs)
+        else:
+            logits, _ = model(batch.inputs, rs, batch.mask)
+            nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")
+            loss = (nll * batch.loss_mask).sum()
+            correct = ((logits.argmax(-1) == batch.targets).float() * batch.loss_mask).sum()
+        loss.backward()
+        results.append((loss.detach(), correct, wkv.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-4)
+    assert float(results[0][1]) == float(results[1][1])
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)

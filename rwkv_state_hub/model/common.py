@@ -213,6 +213,13 @@ class RWKV(nn.Module):
 
         The final state of each sequence is the state after its last real token.
         """
+        hidden, final = self.hidden(tokens, state, mask)
+        return linear(hidden, self.head), final
+
+    def hidden(
+        self, tokens: Tensor, state: RecurrentState | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, RecurrentState]:
+        """Like forward, but stops before the head: the normed output [B, T, C] (for a loss in chunks)."""
         B, T = tokens.shape
         dtype = self.ln_out.weight.dtype  # fp32 (fp64 for gradient checks)
         state = (state or RecurrentState.zeros(self.spec, B, tokens.device, dtype)).expand(B)
@@ -231,8 +238,7 @@ class RWKV(nn.Module):
             att_xs.append(att_x)
             wkvs.append(wkv)
             ffn_xs.append(ffn_x)
-        logits = linear(self.ln_out(x), self.head)
-        return logits, RecurrentState(torch.stack(wkvs, 1), torch.stack(att_xs, 1), torch.stack(ffn_xs, 1))
+        return self.ln_out(x), RecurrentState(torch.stack(wkvs, 1), torch.stack(att_xs, 1), torch.stack(ffn_xs, 1))
 
     @torch.no_grad()
     def step(self, token: int | Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
