@@ -8,7 +8,7 @@ configuration runs in a fresh process (so its peak RSS is its own) and does whol
 (forward, loss, backward to the state, Adam on the state):
     naive     the reference WKV loop with every weight requiring a gradient, fp32: what training code
               that does not special-case frozen weights costs
-    ours fp32 the chunked WKV, frozen weights
+    ours fp32 the trainer's step: chunked WKV, frozen weights, head and loss in chunks
     ours bf16 the same with bf16 weights (the official checkpoints are bf16; the state maths stays fp32)
 Useful work is counted as 4 x (non-embedding parameters) FLOPs per token (2 forward, 2 for the
 backward to the inputs: frozen weights need no weight gradient), next to this machine's own matmul
@@ -42,6 +42,8 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
 
 def one_config(path: str, config: str, ctx: int, steps: int) -> dict:
     """Runs in its own process: load the model, time `steps` training steps after one warm-up step."""
+    from rwkv_state_hub.data import Batch
+    from rwkv_state_hub.evaluate import batch_loss
     from rwkv_state_hub.model import LearnedState, load_model
 
     os.environ["RWKV_STATE_HUB_WKV"] = "reference" if config == "naive" else "chunked"
@@ -55,11 +57,18 @@ def one_config(path: str, config: str, ctx: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 65536, (1, ctx + 1), generator=g)
 
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    batch = Batch(inputs, targets, torch.ones(1, ctx), torch.ones(1, ctx, dtype=torch.bool), ctx)
+
     def step() -> None:
         opt.zero_grad()
         model.zero_grad(set_to_none=True)
-        logits, _ = model(tokens[:, :-1], learned())
-        torch.nn.functional.cross_entropy(logits[0], tokens[0, 1:]).backward()
+        if config == "naive":  # full logits, as plain training code computes them
+            logits, _ = model(inputs, learned())
+            loss = torch.nn.functional.cross_entropy(logits[0], targets[0])
+        else:  # the trainer's own loss: head and loss in chunks, recomputed in backward
+            loss = batch_loss(model, batch, learned())[0] / ctx
+        loss.backward()
         opt.step()
 
     step()
