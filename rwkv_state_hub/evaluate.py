@@ -28,32 +28,38 @@ class EvalResult:
         return f"loss {self.loss:.4f}, accuracy {self.accuracy:.2%} over {self.n_tokens} tokens"
 
 
-HEAD_CHUNK = 128  # positions whose logits exist at once: [128, 65536] fp32 is 32 MiB, [512, ...] 128 MiB x 3
+HEAD_BUDGET = 256 << 20  # bytes of fp32 logits that may exist at once (ctx 1024 x vocab 65536)
 
 
 def _head_loss(hidden: Tensor, head: torch.nn.Linear, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     logits = linear(hidden, head)
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    correct = ((logits.argmax(-1) == targets).to(weight.dtype) * weight).sum()
+    correct = ((logits.argmax(-1) == targets).to(weight.dtype) * weight).sum() if not torch.is_grad_enabled() else None
     return (nll * weight).sum(), correct
 
 
-def batch_loss(model: RWKV, batch, state: RecurrentState | None) -> tuple[Tensor, Tensor]:
-    """(sum of cross-entropy over trained tokens, number of correct argmax predictions).
+def batch_loss(model: RWKV, batch, state: RecurrentState | None) -> tuple[Tensor, Tensor | None]:
+    """(sum of cross-entropy over trained tokens, number of correct argmax predictions; None when training).
 
-    The head and the loss run a chunk of positions at a time and, when training, are recomputed in the
-    backward pass: full-vocabulary logits never exist for the whole sequence at once."""
+    When the batch's logits would exceed HEAD_BUDGET, the head and the loss run a chunk of positions at a
+    time and are recomputed in the backward pass, so full-vocabulary logits never exist for the whole
+    sequence at once. (Below the budget one pass is faster: recomputing costs a second head forward.)"""
     hidden, _ = model.hidden(batch.inputs, state, batch.mask)
+    B, T, _ = hidden.shape
+    per_position = B * model.spec.vocab_size * 4
+    chunk = max(16, HEAD_BUDGET // per_position)
+    weight = batch.loss_mask.to(hidden.dtype)
+    if chunk >= T:
+        return _head_loss(hidden, model.head, batch.targets, weight)
     loss, correct = hidden.new_zeros(()), hidden.new_zeros(())
-    for t in range(0, hidden.shape[1], HEAD_CHUNK):
-        part = (hidden[:, t : t + HEAD_CHUNK], model.head, batch.targets[:, t : t + HEAD_CHUNK],
-                batch.loss_mask[:, t : t + HEAD_CHUNK].to(hidden.dtype))
+    for t in range(0, T, chunk):
+        part = (hidden[:, t : t + chunk], model.head, batch.targets[:, t : t + chunk], weight[:, t : t + chunk])
         if torch.is_grad_enabled():
-            chunk_loss, chunk_correct = checkpoint(_head_loss, *part, use_reentrant=False)
+            loss = loss + checkpoint(_head_loss, *part, use_reentrant=False)[0]
+            correct = None
         else:
             chunk_loss, chunk_correct = _head_loss(*part)
-        loss = loss + chunk_loss
-        correct = correct + chunk_correct.detach()
+            loss, correct = loss + chunk_loss, correct + chunk_correct
     return loss, correct
 
 
