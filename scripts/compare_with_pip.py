@@ -2,7 +2,8 @@
 stored logits, for every real model in ../shared/models, the bundled example, and random models of
 realistic shape; from the zero state and from a random state handed to pip through pip_state.
 
-    .venv/bin/python scripts/compare_with_pip.py
+    .venv/bin/python scripts/compare_with_pip.py                                # the default (chunked) WKV
+    RWKV_STATE_HUB_WKV=reference .venv/bin/python scripts/compare_with_pip.py   # the plain loops
 """
 
 from __future__ import annotations
