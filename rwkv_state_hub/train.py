@@ -28,7 +28,7 @@ from .errors import StateHubError
 from .evaluate import EvalResult, batch_loss, evaluate
 from .files import atomic_write, atomic_write_bytes
 from .formats import export_state, save_native
-from .model import EncodedState, LearnedState, RecurrentState, build_model
+from .model import EncodedState, LearnedState, build_model
 from .plot import plot_losses
 from .state import State
 from .tokenizer import get_tokenizer
@@ -289,7 +289,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 if run["best_val"] is None or r.loss < run["best_val"]:
                     run["best_val"] = r.loss
                     if ddp.main:
-                        save_native(_to_state(learned, spec, cfg, data, run, "best"), out / "best.safetensors")
+                        best = _to_state(learned, spec, cfg, data, tokenizer.name, run, "best")
+                        save_native(best, out / "best.safetensors")
             metrics.append(entry)
             if ddp.main:
                 with open(out / "metrics.jsonl", "a") as f:
@@ -309,7 +310,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             signal.signal(signal.SIGINT, previous_handler)
 
     interrupted = run["step"] < total
-    state = _to_state(learned, spec, cfg, data, run, "final")
+    state = _to_state(learned, spec, cfg, data, tokenizer.name, run, "final")
     if ddp.main:
         save_native(state, out / "state.safetensors")
         for fmt in cfg.export:
@@ -351,7 +352,7 @@ def _read_metrics(out: Path) -> list[dict]:
 
 
 def _to_state(
-    learned: LearnedState | EncodedState, spec, cfg: TrainConfig, data: Dataset, run: dict, which: str
+    learned: LearnedState | EncodedState, spec, cfg: TrainConfig, data: Dataset, tokenizer: str, run: dict, which: str
 ) -> State:
     summary = {
         "method": "state-tuning" + (" (state encoder)" if cfg.state_encoder else ""),
@@ -364,7 +365,6 @@ def _to_state(
         "data_files": [Path(p).name for p in cfg.data],
         "hyperparameters": {k: v for k, v in asdict(cfg).items() if k not in ("model", "data", "val_data", "out")},
     }
-    tokenizer = cfg.tokenizer or ("world" if spec.vocab_size == 65536 else "bytes")
     return State.from_learned(learned, spec, tokenizer=tokenizer, training=summary)
 
 
@@ -422,10 +422,3 @@ def summary(result: TrainResult, cfg: TrainConfig) -> str:
         f"model = load_model({cfg.model!r}); state = load_state({str(out / 'state.safetensors')!r})",
     ]
     return "\n".join(lines)
-
-
-def state_from_prompt_tokens(model, tokens: list[int], device="cpu") -> RecurrentState:
-    """Run a prompt from the zero state; its final state is what a few-shot prompt leaves behind."""
-    with torch.no_grad():
-        _, final = model(torch.tensor([tokens], device=device))
-    return final

@@ -111,6 +111,7 @@ def test_outputs_and_metadata(tmp_path):
     state = load_state(out / "state.safetensors")
     meta = state.metadata
     assert meta["base_model_sha256"] == load_model(MODEL).spec.sha256
+    assert meta["tokenizer"] == "bytes"  # the tokenizer the run used, chosen from the vocab
     t = meta["training"]
     assert t["steps"] == 4 and t["tokens_seen"] == result.tokens > 0
     assert t["data_sha256"] == load_dataset(c.data, get_tokenizer("bytes"), 512).sha256
