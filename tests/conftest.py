@@ -66,6 +66,44 @@ def random_state_like(spec, seed: int = 0, scale: float = 1.0, full: bool = Fals
     return State(wkv, shift).with_model(spec)
 
 
+# ---------------------------------------------------------------- the loopback Hub (tests/hub_server.py)
+
+# the loopback Hub's users: alice and bob; BAD is a token it does not know
+ALICE, BOB, BAD = "hf_alice_SECRET_token_0001", "hf_bob_SECRET_token_0002", "hf_wrong_SECRET_token_0003"
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    """A fresh huggingface_hub cache, no stored or environment token, Xet off, online; no sleeping between
+    download retries (huggingface_hub waits 1 s before each resume)."""
+    import time
+    import types
+
+    from huggingface_hub import constants, file_download
+    from huggingface_hub.utils import _http as hf_http
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    fast = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fast.sleep = lambda seconds: None
+    monkeypatch.setattr(file_download, "time", fast)
+    monkeypatch.setattr(hf_http, "time", fast)
+
+
+@pytest.fixture
+def hub_server(hub_env, monkeypatch):
+    """The loopback Hub with users alice (ALICE) and bob (BOB), serving on HF_ENDPOINT for the test."""
+    from hub_server import HubServer
+
+    with HubServer(tokens={ALICE: "alice", BOB: "bob"}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
 
 
 # One intra-op thread: these tests run many tiny ops, where a second thread buys nothing, and two

@@ -1,0 +1,476 @@
+"""States on the Hugging Face Hub: push, pull, search, keyed to the exact sha256 of the base model file.
+
+Everything goes through huggingface_hub (its token, endpoint, cache, resumable downloads, offline mode).
+A base model on the Hub is named `hf://owner/repo/path/file.pth` (optionally `hf://owner/repo@revision/...`);
+its sha256 comes from the Hub's LFS metadata, so checking a state against a 15 GB model downloads nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .checkpoint import ModelSpec, read_spec
+from .errors import StateHubError
+from .files import atomic_path, sha256_bytes, sha256_file
+from .formats import detect_format, export_state, load_state
+from .hub_card import (
+    EXPORT_FORMATS,
+    LOSS_PLOT,
+    MANIFEST,
+    REPO_FILES,
+    BaseModel,
+    build_manifest,
+    check_sha256,
+    hash_tag,
+    read_manifest,
+    render_card,
+)
+from .state import State
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+PULL_FORMATS = tuple(REPO_FILES)
+
+
+def _endpoint(endpoint: str | None) -> str | None:
+    """--endpoint, else $HF_ENDPOINT read now (huggingface_hub reads it once, at import), else the Hub."""
+    return (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+
+
+# ---------------------------------------------------------------- names: repo ids and hf:// models
+
+
+def is_repo_id(text: str) -> bool:
+    """True for "owner/name" (optionally "owner/name@revision") that is not an existing local path."""
+    if not isinstance(text, str) or text.startswith("hf://") or os.path.exists(text):
+        return False
+    return bool(_REPO_ID.match(text.split("@", 1)[0]))
+
+
+def _split_revision(repo_id: str, revision: str | None) -> tuple[str, str | None]:
+    name, _, rev = repo_id.partition("@")
+    if not _REPO_ID.match(name):
+        raise StateHubError(f"{repo_id}: not a Hub repo id (expected owner/name)")
+    if rev and revision and rev != revision:
+        raise StateHubError(f"{repo_id}: two revisions given ({rev} and --revision {revision})")
+    return name, (rev or revision)
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A file in a Hub model repo: `hf://owner/repo[@revision]/path/in/repo`."""
+
+    repo_id: str
+    path: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"hf://{self.repo_id}{'@' + self.revision if self.revision else ''}/{self.path}"
+
+
+def parse_hf_url(text: str) -> HubFile | None:
+    """`hf://owner/repo[@rev]/path/file.pth` -> HubFile; None when `text` is not an hf:// name."""
+    if not isinstance(text, str) or not text.startswith("hf://"):
+        return None
+    parts = text.removeprefix("hf://").split("/")
+    if len(parts) < 3 or not all(parts):
+        raise StateHubError(f"{text}: expected hf://owner/repo/path/to/file.pth")
+    repo, path = "/".join(parts[:2]), "/".join(parts[2:])
+    repo_id, revision = _split_revision(repo, None)
+    return HubFile(repo_id, path, revision)
+
+
+def resolve_model(model: str | os.PathLike, *, token: str | None = None, endpoint: str | None = None) -> Path:
+    """A local path for a base model: as given, or downloaded through huggingface_hub's cache (hf://)."""
+    endpoint = _endpoint(endpoint)
+    hub_file = parse_hf_url(str(model))
+    if hub_file is None:
+        return Path(model)
+    with _hub_errors(hub_file.repo_id, token, hub_file.path):
+        return Path(hf_hub_download(hub_file.repo_id, hub_file.path, revision=hub_file.revision, token=token,
+                                    endpoint=endpoint))
+
+
+def model_identity(model: str | os.PathLike | ModelSpec, *, token: str | None = None,
+                   endpoint: str | None = None) -> BaseModel:
+    """The sha256 (and name, size, repo) of a base model. For hf:// it comes from the Hub's LFS metadata
+    without downloading the file; local files use the cached hash."""
+    endpoint = _endpoint(endpoint)
+    if isinstance(model, ModelSpec):
+        if not model.sha256:
+            raise StateHubError(f"{model.name}: this model spec has no file, so no sha256 to compare states with")
+        return BaseModel(model.sha256, model.name, model.file_size)
+    hub_file = parse_hf_url(str(model))
+    if hub_file is None:
+        path = Path(model)
+        return BaseModel(sha256_file(path), path.name.removesuffix(".pth"), path.stat().st_size)
+    name = Path(hub_file.path).name.removesuffix(".pth")
+    if constants.is_offline_mode():  # no Hub to ask: the cached download, if there is one
+        path = resolve_model(str(hub_file), token=token, endpoint=endpoint)
+        return BaseModel(sha256_file(path), name, path.stat().st_size, hub_file.repo_id, hub_file.path)
+    with _hub_errors(hub_file.repo_id, token, hub_file.path):
+        infos = HfApi(endpoint=endpoint).get_paths_info(hub_file.repo_id, [hub_file.path],
+                                                        revision=hub_file.revision, token=token)
+    info = next((i for i in infos if getattr(i, "path", None) == hub_file.path and hasattr(i, "lfs")), None)
+    if info is None:
+        raise StateHubError(f"{hub_file}: no such file in {hub_file.repo_id}")
+    if info.lfs is not None:
+        sha256, size = info.lfs.sha256, info.lfs.size
+    else:  # a small file kept in git: the Hub has no sha256 for it, so hash the download
+        sha256, size = sha256_file(resolve_model(str(hub_file), token=token, endpoint=endpoint)), info.size
+    return BaseModel(sha256, name, size, hub_file.repo_id, hub_file.path)
+
+
+# ---------------------------------------------------------------- errors the huggingface_hub way, in one line
+
+
+def _secret(token: str | None) -> str | None:
+    return token or get_token()
+
+
+def _scrub(text: str, token: str | None) -> str:
+    secret = _secret(token)
+    return text.replace(secret, "***") if secret else text
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, token: str | None, what: str = "") -> Iterator[None]:
+    """Turn what huggingface_hub and httpx raise into one StateHubError line that says what to do.
+
+    The order matters: huggingface_hub's errors subclass each other (a missing file is an HTTP error, a file
+    missing from the offline cache is an entry-not-found error)."""
+    import httpx2
+
+    login = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
+    offline = f"{repo_id}: HF_HUB_OFFLINE is set and {what or 'this'} is not in the local cache; pull it once online"
+    try:
+        yield
+    except StateHubError:
+        raise
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: the repo exists, the advice differs
+        raise StateHubError(f"{repo_id}: the repo is gated: request access on its Hub page, then {login} with "
+                            "the account that was granted it") from None
+    except RepositoryNotFoundError:
+        msg = f"{repo_id}: no such repo on the Hub, or it is private and your token cannot see it ({login})"
+        raise StateHubError(msg) from None
+    except RevisionNotFoundError:
+        raise StateHubError(f"{repo_id}: no such revision (branch, tag or commit)") from None
+    except LocalEntryNotFoundError:
+        if constants.is_offline_mode():
+            raise StateHubError(offline) from None
+        raise StateHubError(f"{repo_id}: cannot reach the Hub to get {what or 'the file'} and it is not in the "
+                            "local cache; check the network (or HF_ENDPOINT / --endpoint) and run again") from None
+    except EntryNotFoundError:
+        raise StateHubError(f"{repo_id}: {what or 'the file'} is not in the repo") from None
+    except OfflineModeIsEnabled:
+        raise StateHubError(offline) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            msg = f"{repo_id}: the Hub refused the token (401 unauthorized): {login} with a valid token"
+        elif status == 403:
+            msg = (f"{repo_id}: your token has no access to this (403 forbidden): use a token with write access "
+                   "to that namespace, or push to your own")
+        else:
+            msg = f"{repo_id}: the Hub answered {status}: {_scrub(' '.join(str(e).split())[:200], token)}"
+        raise StateHubError(msg) from None
+    except (httpx2.TransportError, ConnectionError) as e:
+        raise StateHubError(f"{repo_id}: network failure talking to the Hub ({type(e).__name__}: "
+                            f"{_scrub(str(e), token)[:160]}); check the connection (or HF_ENDPOINT / --endpoint) "
+                            "and run again") from None
+    except OSError as e:
+        if "Consistency check failed" not in str(e):
+            raise
+        raise StateHubError(f"{repo_id}: {what or 'a download'} arrived incomplete (network trouble); "
+                            "run again") from None
+
+
+# ---------------------------------------------------------------- push
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    url: str
+    commit: str
+    files: list[str]
+    base_model: BaseModel
+    warnings: list[str]
+
+
+def _state_identity(state: State, model, force: bool, token: str | None,
+                    endpoint: str | None) -> tuple[State, BaseModel, list[str]]:
+    """The state labelled with its base model: from `model` when given (checked), else from its metadata;
+    with the mismatch `force` let through, if any."""
+    if model is None:
+        if not state.base_model_sha256:
+            raise StateHubError(f"{state.source}: the state does not record its base model; give the model it was "
+                                "made for (--model BASE.pth or hf://owner/repo/file.pth)")
+        meta = state.metadata
+        return state, BaseModel(check_sha256(state.base_model_sha256, f"{state.source}: base_model_sha256"),
+                                meta.get("base_model_name"), meta.get("base_model_size"), meta.get("base_model_repo"),
+                                meta.get("base_model_file")), []
+    if isinstance(model, ModelSpec) or parse_hf_url(str(model)) is None:
+        spec = model if isinstance(model, ModelSpec) else read_spec(model)
+        warnings = state.check(spec, force=force)
+        meta = state.with_model(spec).metadata
+        if state.base_model_sha256 != spec.sha256:  # a Hub location recorded for another model is not this one's
+            meta = {k: v for k, v in meta.items() if k not in ("base_model_repo", "base_model_file")}
+        base = BaseModel(spec.sha256, spec.name, spec.file_size, meta.get("base_model_repo"),
+                         meta.get("base_model_file"))
+        return State(state.wkv, state.shift, meta, state.source), base, warnings
+    base = model_identity(model, token=token, endpoint=endpoint)
+    warnings = []
+    if state.base_model_sha256 and state.base_model_sha256 != base.sha256:
+        problem = (f"{state.source}: made for {state.metadata.get('base_model_name') or 'another model'} "
+                   f"(sha256 {state.base_model_sha256[:12]}), but {model} has sha256 {base.sha256[:12]}")
+        if not force:
+            raise StateHubError(f"{problem} (use --force to push it anyway)")
+        warnings.append(problem)
+    meta = {**state.metadata, "base_model_sha256": base.sha256, "base_model_name": base.name,
+            "base_model_size": base.size, "base_model_repo": base.repo, "base_model_file": base.file}
+    return State(state.wkv, state.shift, meta, state.source), base, warnings
+
+
+def push(state: str | os.PathLike | State, repo_id: str, *, model: str | os.PathLike | ModelSpec | None = None,
+         private: bool = False, revision: str | None = None, exports: tuple[str, ...] | list[str] = ("pth", "ai00"),
+         token: str | None = None, endpoint: str | None = None, force: bool = False,
+         message: str | None = None) -> PushResult:
+    """Upload a state to `repo_id` in one commit: the native file, the consumer exports, the manifest and
+    the model card (and loss.png when it sits beside the state file). Creates the repo (and branch) if needed."""
+    endpoint = _endpoint(endpoint)
+    repo_id, revision = _split_revision(repo_id, revision)
+    source = None if isinstance(state, State) else Path(state)
+    if source is not None:
+        state = load_state(source)
+    loaded_metadata = dict(state.metadata)
+    unknown = [e for e in exports if e not in ("pth", "ai00")]
+    if unknown:
+        raise StateHubError(f"--exports {','.join(exports)}: unknown format {unknown[0]!r}; choose from pth, ai00")
+    if not _secret(token):
+        raise StateHubError(f"{repo_id}: pushing needs a Hugging Face token: log in with `hf auth login`, "
+                            "set HF_TOKEN, or pass --token")
+    state, base, warnings = _state_identity(state, model, force, token, endpoint)
+    if not state.arch:
+        raise StateHubError(f"{state.source}: the state does not record its architecture; give the base model as a "
+                            "local file (--model BASE.pth) so that it can be checked and labelled")
+    with tempfile.TemporaryDirectory(prefix="rwkv-state-push-") as tmp:
+        folder = Path(tmp)
+        files: dict[str, Path] = {}
+        for role in ("native", *dict.fromkeys(exports)):
+            files[role] = folder / REPO_FILES[role]
+            export_state(state, files[role], EXPORT_FORMATS[role])
+        if source and state.metadata == loaded_metadata and detect_format(source) == "safetensors":
+            shutil.copyfile(source, files["native"])  # already a labelled native file: upload it byte for byte
+        plot = source.parent / LOSS_PLOT if source else None
+        if plot and plot.is_file():
+            files["plot"] = folder / LOSS_PLOT
+            shutil.copyfile(plot, files["plot"])
+        manifest = build_manifest(state, base, files)
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (folder / "README.md").write_text(render_card(repo_id, state, manifest, base))
+        names = [p.name for p in files.values()] + [MANIFEST, "README.md"]
+        ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in names]
+        api = HfApi(endpoint=endpoint, token=token)
+        with _hub_errors(repo_id, token):
+            url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.create_commit(repo_id, ops, revision=revision,
+                                     commit_message=message or f"rwkv-state push: {state.arch} state for "
+                                                               f"{base.label} ({base.sha256[:12]})")
+    return PushResult(repo_id, str(url), info.oid, names, base, warnings)
+
+
+# ---------------------------------------------------------------- pull
+
+
+@dataclass(frozen=True)
+class PullResult:
+    path: Path
+    manifest: dict[str, Any]
+    commit: str | None
+    warnings: list[str]
+
+
+def _download(repo_id: str, filename: str, revision: str | None, token: str | None, endpoint: str | None) -> Path:
+    with _hub_errors(repo_id, token, filename):
+        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token, endpoint=endpoint))
+
+
+def _forget(path: Path) -> None:
+    """Drop a bad file from huggingface_hub's cache (the snapshot link and the blob it points to), so the next
+    pull downloads it afresh instead of trusting it."""
+    blob = path.resolve()
+    for p in (path, blob):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _matches_etag(path: Path) -> bool:
+    """huggingface_hub names a cached blob by the file's ETag: the git blob sha1 of a file kept in git, the
+    sha256 of an LFS file. Check the bytes against it (the manifest has no other checksum)."""
+    etag, data = path.resolve().name, path.read_bytes()
+    if re.fullmatch(r"[0-9a-f]{40}", etag):
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == etag
+    if re.fullmatch(r"[0-9a-f]{64}", etag):
+        return sha256_bytes(data) == etag
+    return True  # a cache without symlinks: nothing to compare with
+
+
+def _verified(path: Path, entry: dict[str, Any], where: str) -> None:
+    size = path.stat().st_size
+    digest = sha256_file(path, use_cache=False)
+    if size != entry["size"] or digest != entry["sha256"]:
+        _forget(path)
+        raise StateHubError(f"{where}: the download does not match the manifest (sha256 {digest[:12]}, "
+                            f"{size} bytes; expected {entry['sha256'][:12]}, {entry['size']} bytes): it was "
+                            "corrupted on the way and has been removed from the cache; run again")
+
+
+def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "native",
+               output: str | os.PathLike | None = None, revision: str | None = None, force: bool = False,
+               token: str | None = None, endpoint: str | None = None) -> PullResult:
+    """`pull` with everything it learned: the manifest, the commit, and the warnings `force` let through."""
+    endpoint = _endpoint(endpoint)
+    repo_id, revision = _split_revision(repo_id, revision)
+    if fmt not in REPO_FILES:
+        raise StateHubError(f"--format {fmt}: choose one of {', '.join(REPO_FILES)}")
+    try:
+        manifest_path = _download(repo_id, MANIFEST, revision, token, endpoint)
+    except StateHubError as e:
+        if f"{MANIFEST} is not in the repo" in str(e):
+            raise StateHubError(f"{repo_id}: not an rwkv-state repo (it has no {MANIFEST}); push states with "
+                                "`rwkv-state push`") from None
+        raise
+    if not _matches_etag(manifest_path):
+        _forget(manifest_path)
+        raise StateHubError(f"{repo_id}/{MANIFEST}: the download does not match its ETag: it was corrupted on the "
+                            "way and has been removed from the cache; run again")
+    commit = manifest_path.parent.name if _COMMIT.match(manifest_path.parent.name) else revision
+    manifest = read_manifest(manifest_path, f"{repo_id}/{MANIFEST}")
+    made_for = manifest["base_model_sha256"]
+    made_for_name = (manifest.get("base_model") or {}).get("name") or "another model"
+    warnings: list[str] = []
+    spec = None
+    if model is not None:
+        if isinstance(model, ModelSpec) or parse_hf_url(str(model)) is None:
+            spec = model if isinstance(model, ModelSpec) else read_spec(model)
+        have = model_identity(spec or model, token=token, endpoint=endpoint)
+        if have.sha256 != made_for:
+            problem = (f"{repo_id}: made for {made_for_name} (sha256 {made_for[:12]}), but {have.label} has "
+                       f"sha256 {have.sha256[:12]}")
+            if not force:
+                raise StateHubError(f"{problem} (use --force to use it anyway)")
+            warnings.append(problem)
+    entry = manifest["files"].get(fmt)
+    if entry is None:
+        have_formats = ", ".join(r for r in manifest["files"] if r in REPO_FILES)
+        raise StateHubError(f"{repo_id}: no {fmt} file in this repo (it has: {have_formats})")
+    where = f"{repo_id}/{entry['path']}"
+    path = _download(repo_id, entry["path"], commit, token, endpoint)
+    _verified(path, entry, where)
+    state = load_state(path)
+    recorded = state.base_model_sha256  # a native or ai00 file says itself which model it was made for
+    if recorded and recorded != made_for:
+        raise StateHubError(f"{where}: the file records base model sha256 {recorded[:12]}, but the repo's "
+                            f"{MANIFEST} says {made_for[:12]}: the repo is inconsistent; not using it")
+    if spec is not None:
+        labelled = State(state.wkv, state.shift, {**state.metadata, "arch": manifest.get("arch")}, where)
+        broken = labelled.fit_problems(spec)
+        if broken:
+            raise StateHubError(broken[0])
+    if output is not None:
+        out = Path(output)
+        if out.is_dir():
+            out = out / entry["path"]
+        with atomic_path(out) as tmp:
+            shutil.copyfile(path, tmp)
+            _verified(tmp, entry, where)
+        path = out
+    return PullResult(path, manifest, commit, warnings)
+
+
+def pull(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "native",
+         output: str | os.PathLike | None = None, revision: str | None = None, force: bool = False,
+         token: str | None = None, endpoint: str | None = None) -> Path:
+    """Download a state (huggingface_hub's cache, resumable), verify every byte against the manifest, check it
+    was made for `model` (local path, hf://owner/repo/file.pth or a ModelSpec; None skips that check), and
+    return the local path of the file in format `fmt` ("native" | "pth" | "ai00")."""
+    return pull_state(repo_id, model, fmt=fmt, output=output, revision=revision, force=force, token=token,
+                      endpoint=endpoint).path
+
+
+def model_card(repo_id: str, *, revision: str | None = None, token: str | None = None,
+               endpoint: str | None = None) -> str:
+    """The README.md text of a state repo (for the demo to show)."""
+    endpoint = _endpoint(endpoint)
+    repo_id, revision = _split_revision(repo_id, revision)
+    return _download(repo_id, "README.md", revision, token, endpoint).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class StateRecord:
+    """One state repo found for a base model."""
+
+    repo_id: str
+    arch: str | None
+    dims: str | None
+    base_model_sha256: str
+    downloads: int | None
+    likes: int | None
+    last_modified: datetime | None
+    private: bool | None
+
+
+def search(model: str | os.PathLike | ModelSpec | None = None, *, sha256: str | None = None,
+           token: str | None = None, endpoint: str | None = None, limit: int = 100) -> list[StateRecord]:
+    """The states made for exactly one base model (a local file, hf://owner/repo/file.pth, a ModelSpec, or its
+    sha256), through the Hub's own search on the hash tag."""
+    endpoint = _endpoint(endpoint)
+    if (model is None) == (sha256 is None):
+        raise StateHubError("search needs exactly one of --model and --sha256")
+    digest = check_sha256(sha256) if sha256 is not None else model_identity(model, token=token,
+                                                                            endpoint=endpoint).sha256
+    tag = hash_tag(digest)
+    with _hub_errors("search", token):
+        found = list(HfApi(endpoint=endpoint).list_models(
+            filter=tag, limit=limit, token=token,
+            expand=["cardData", "downloads", "likes", "lastModified", "private", "tags"]))
+    records = []
+    for info in found:
+        if tag not in (info.tags or []):
+            continue  # the Hub's filter said so, but the card no longer does
+        card = info.card_data.to_dict() if info.card_data is not None else {}
+        meta = card.get("rwkv_state") if isinstance(card.get("rwkv_state"), dict) else {}
+        dims = None
+        if all(isinstance(meta.get(k), int) for k in ("n_layer", "n_head", "head_size")):
+            dims = f"{meta['n_layer']} layers x {meta['n_head']} heads x {meta['head_size']}"
+        records.append(StateRecord(info.id, meta.get("arch"), dims, digest, info.downloads, info.likes,
+                                   info.last_modified, info.private))
+    return records
