@@ -1,0 +1,525 @@
+"""The demo page: the base model and a state side by side, in the `rwkv` pip package (what people run).
+
+`DemoEngine` holds what every visitor shares, read-only: the pip model, the tokenizer, and the states that
+fit the model (from folders, files and Hub repos). Everything a visitor does (a conversation, an upload, a
+baked state) lives in that visitor's session (`gr.State`), never in the engine. `build_demo` lays out the page
+over the engine; `app.py` and `rwkv-state demo` both start it through `create_demo` + `launch_demo`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .chat import Conversation, PipRunner, Sampling, side_by_side
+from .checkpoint import read_spec
+from .errors import StateHubError
+from .formats import export_state, load_state
+from .pip_bridge import load_pip_model
+from .state import State
+from .tokenizer import get_tokenizer
+from .toolbox import bake, diff, diff_table, save_heatmap
+
+MAX_UPLOAD_BYTES = 64 << 20
+MAX_SCAN_BYTES = 512 << 20  # larger files in a --states folder are models, not states: not even opened
+MAX_MERGED_BYTES = 512 << 20  # a merged export copies the whole model: written for small models only
+MAX_PROMPT_CHARS = 32_000
+SESSION_TTL_S = 3600
+STATE_SUFFIXES = (".safetensors", ".pth", ".pt", ".st", ".state")
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+EXAMPLE_STATES = REPO / "examples" / "states"
+DEFAULT_SAMPLING = Sampling(temperature=1.0, top_p=0.3, max_tokens=80, presence_penalty=0.3, frequency_penalty=0.3)
+NO_STATE = "(none)"
+
+
+@dataclass
+class Offered:
+    """A state the page offers: the state itself, where it came from, and its Hub model card if any."""
+
+    state: State
+    origin: str
+    card: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def new_session() -> dict[str, Any]:
+    """One visitor's own things: uploaded and baked states, and the conversation in progress."""
+    return {"extra": {}, "chat": None}
+
+
+class DemoEngine:
+    """The model, its tokenizer and the states that fit it: shared by every session, never written by one."""
+
+    def __init__(self, model: str | os.PathLike, states: list[str] | tuple[str, ...] = (), *,
+                 tokenizer: str | None = None, strategy: str = "cpu fp32",
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, prompts: list[str] | None = None) -> None:
+        self.model_path = _resolve_model(str(model))
+        self.spec = read_spec(self.model_path)
+        self.tokenizer = get_tokenizer(tokenizer, self.spec)
+        self.strategy = strategy
+        self.max_upload_bytes = max_upload_bytes
+        self.prompts = prompts or ["W", "WE", "The"]
+        self.states: dict[str, Offered] = {}
+        self.skipped: list[str] = []
+        for entry in states:
+            self._add_entry(str(entry))
+        self.runner = PipRunner(load_pip_model(self.model_path, strategy), self.tokenizer, self.spec, strategy)
+        self._own_model = None
+        self._lock = threading.Lock()
+        self._workdir = tempfile.TemporaryDirectory(prefix="rwkv-state-demo-")
+
+    # ------------------------------------------------------------ states offered to everyone
+
+    def _add_entry(self, entry: str) -> None:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in STATE_SUFFIXES)
+            if not files:
+                self.skipped.append(f"{entry}: no state files ({', '.join(STATE_SUFFIXES)}) in this folder")
+            for f in files:
+                self._add_file(f)
+        elif path.is_file():
+            self._add_file(path)
+        else:
+            self._add_hub(entry)
+
+    def _add_file(self, path: Path, label: str | None = None, origin: str | None = None,
+                  card: str | None = None) -> None:
+        if path.stat().st_size > MAX_SCAN_BYTES:
+            self.skipped.append(f"{path}: {path.stat().st_size >> 20} MB, too big for a state (a model?)")
+            return
+        try:
+            state = load_state(path)
+        except StateHubError as e:
+            self.skipped.append(str(e))
+            return
+        problems = state.problems(self.spec)
+        if problems:
+            self.skipped.append(problems[0])
+            return
+        label = label or path.name
+        if label in self.states:
+            label = f"{path.parent.name}/{path.name}"
+        self.states[label] = Offered(state.with_model(self.spec), origin or "a local file", card, _notes(state, self))
+
+    def _add_hub(self, entry: str) -> None:
+        try:
+            from . import hub
+        except ImportError:
+            raise StateHubError(f"{entry}: no such file or folder") from None
+        if not hub.is_repo_id(entry):
+            raise StateHubError(f"{entry}: no such file or folder, and not a Hub repo id (owner/name)")
+        try:
+            path = Path(hub.pull(entry, model=self.spec))
+        except StateHubError as e:
+            self.skipped.append(str(e) if entry in str(e) else f"{entry}: {e}")
+            return
+        try:
+            card = hub.model_card(entry)
+        except StateHubError:
+            card = None  # the page then shows what the state's metadata says
+        self._add_file(path, label=f"hub: {entry}", origin=f"the Hub: {entry}", card=card)
+
+    # ------------------------------------------------------------ a session's view
+
+    def labels(self, session: dict | None) -> list[str]:
+        return list(self.states) + list((session or {}).get("extra", {}))
+
+    def lookup(self, label: str | None, session: dict | None) -> Offered:
+        """The state picked in the dropdown: one offered to all, or one of this session's own."""
+        if not label or label == NO_STATE:
+            raise StateHubError("pick a state first (or upload one, or bake one)")
+        found = self.states.get(label) or (session or {}).get("extra", {}).get(label)
+        if found is None:
+            raise StateHubError(f"{label}: no such state here")
+        return found
+
+    def card(self, label: str | None, session: dict | None) -> str:
+        """Markdown about a state: its Hub model card, or what its metadata says."""
+        if not label or label == NO_STATE:
+            return "No state picked."
+        offered = self.lookup(label, session)
+        if offered.card:
+            return offered.card
+        return describe_state(offered)
+
+    def load_upload(self, path: str | os.PathLike, session: dict) -> tuple[str, list[str]]:
+        """Validate an uploaded file (size, safe loading, shapes, base-model sha256) and keep it in the
+        session: its label and notes. Anything wrong raises StateHubError naming the file, not the temp path."""
+        path = Path(path)
+        name = path.name
+        size = path.stat().st_size
+        if size > self.max_upload_bytes:
+            raise StateHubError(f"{name}: {size / 2**20:.1f} MB, over the {self.max_upload_bytes / 2**20:g} MB limit "
+                                "for uploads (a state is a few MB)")
+        try:
+            state = load_state(path)
+        except StateHubError as e:
+            raise StateHubError(str(e).replace(str(path), name)) from None
+        state.source = name
+        problems = state.problems(self.spec)
+        if problems:
+            raise StateHubError(problems[0])
+        offered = Offered(state.with_model(self.spec), f"uploaded {name}", notes=_notes(state, self))
+        label = _unique(f"upload: {name}", self.labels(session))
+        session["extra"][label] = offered
+        return label, offered.notes
+
+    # ------------------------------------------------------------ bake, inspect
+
+    def own_model(self):
+        """Our own model, for baking (toolbox.bake): loaded on first use, memory-mapped."""
+        with self._lock:
+            if self._own_model is None:
+                from .model import load_model
+
+                self._own_model = load_model(self.model_path)
+            return self._own_model
+
+    def bake(self, prompt: str, session: dict) -> tuple[str, list[Path], list[str]]:
+        """Bake `prompt` into a state, keep it in the session, and write it in every export format:
+        its label, the files, and notes (what a format cannot carry or why it was not written)."""
+        if not prompt.strip():
+            raise StateHubError("the prompt is empty: nothing to bake")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise StateHubError(f"the prompt has {len(prompt)} characters; the page bakes up to {MAX_PROMPT_CHARS}")
+        state = bake(self.own_model(), self.tokenizer, prompt)
+        digest = hashlib.sha256(prompt.encode()).hexdigest()[:10]
+        state.source = f"baked-{digest}"
+        out = Path(tempfile.mkdtemp(prefix="bake-", dir=self._workdir.name))
+        files, notes = [], []
+        for fmt, name in (("safetensors", f"baked-{digest}.safetensors"), ("pth", f"baked-{digest}.pth"),
+                          ("ai00", f"baked-{digest}.st"), ("merged", f"{self.spec.name}-baked-{digest}.pth")):
+            if fmt == "merged" and self.spec.arch != "v7" and (self.spec.file_size or 0) > MAX_MERGED_BYTES:
+                notes.append(f"merged: not written here (it copies the {self.spec.file_size >> 20} MB model); "
+                             "run rwkv-state export --format merged on your machine")
+                continue
+            try:
+                notes += [f"{fmt}: {n}" for n in export_state(state, out / name, fmt, base_model=self.model_path)]
+                files.append(out / name)
+            except StateHubError as e:
+                notes.append(f"{fmt}: not written: {e}")
+        preview = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        label = _unique(f"baked: {preview!r}", self.labels(session))
+        session["extra"][label] = Offered(state, "baked on this page", notes=notes)
+        return label, files, notes
+
+    def inspect(self, a: str | None, b: str | None, session: dict) -> tuple[Any, str | None, str]:
+        """Per-layer, per-head norms of state A as a heatmap; with B, the diff heatmap and its table."""
+        sa = self.lookup(a, session).state
+        image = norm_heatmap(sa.wkv.flatten(2).norm(dim=-1), f"norm of each head's state: {a}")
+        if not b or b == NO_STATE:
+            return image, None, "Pick a second state to compare."
+        d = diff(sa, self.lookup(b, session).state)
+        path = Path(tempfile.mkdtemp(prefix="diff-", dir=self._workdir.name)) / "diff.png"
+        save_heatmap(d, path, cell=max(10, min(36, 440 // d.shape[1])))
+        return image, str(path), f"A = {a}\nB = {b}\n||A - B|| / max(||A||, ||B||):\n\n{diff_table(d)}"
+
+    def close(self) -> None:
+        self._workdir.cleanup()
+
+
+def _resolve_model(model: str) -> Path:
+    if model.startswith("hf://"):
+        from .hub import resolve_model
+
+        return resolve_model(model)
+    return Path(model)
+
+
+def _unique(label: str, taken: list[str]) -> str:
+    out, i = label, 2
+    while out in taken:
+        out, i = f"{label} ({i})", i + 1
+    return out
+
+
+def _notes(state: State, engine: DemoEngine) -> list[str]:
+    notes = []
+    if not state.base_model_sha256:
+        notes.append(f"{Path(state.source).name} does not record its base model; only its shape was checked")
+    made_with = state.metadata.get("tokenizer")
+    if made_with and made_with != engine.tokenizer.name:
+        notes.append(f"made with the {made_with} tokenizer; the page uses {engine.tokenizer.name}")
+    return notes
+
+
+def describe_state(offered: Offered) -> str:
+    """What a state's metadata says, as Markdown: base model, how it was made, figures."""
+    s = offered.state
+    meta = s.metadata
+    lines = [f"**{Path(s.source).name}** ({offered.origin})", "",
+             f"- RWKV {s.arch}, {s.dims()}, token shift: {'yes' if s.shift is not None else 'no'}"]
+    if meta.get("base_model_name"):
+        lines.append(f"- base model: {meta['base_model_name']} (sha256 `{str(meta.get('base_model_sha256'))[:12]}`)")
+    training = meta.get("training") or {}
+    if training.get("method"):
+        lines.append(f"- made by: {training['method']}")
+    for key, what in (("steps", "steps"), ("tokens_seen", "tokens seen"), ("best_val_loss", "best validation loss"),
+                      ("prompt_tokens", "prompt tokens")):
+        if training.get(key) is not None:
+            value = training[key]
+            lines.append(f"- {what}: {value:.4f}" if isinstance(value, float) else f"- {what}: {value}")
+    if training.get("data_files"):
+        lines.append(f"- data: {', '.join(map(str, training['data_files']))}")
+    lines += [f"- note: {n}" for n in offered.notes]
+    return "\n".join(lines)
+
+
+def norm_heatmap(values: torch.Tensor, title: str, width: int = 560):
+    """A [layers, heads] table of non-negative values as a PIL image: white = 0, dark blue = the largest."""
+    from PIL import Image, ImageDraw
+
+    L, H = values.shape
+    cell = max(4, min(40, (width - 50) // H))
+    row = max(4, min(22, 420 // L))
+    left, top = 34, 50
+    img = Image.new("RGB", (max(left + H * cell + 10, 460), top + L * row + 10), "white")
+    draw = ImageDraw.Draw(img)
+    vmax = float(values.max()) or 1.0
+    draw.text((left, 6), title[:70], fill=(40, 40, 40))
+    draw.text((left, 20), "layers down, heads across", fill=(90, 90, 90))
+    draw.text((left, 34), f"white = 0, dark blue = {vmax:.4g}", fill=(90, 90, 90))
+    for i in range(L):
+        if row >= 10 or i % 4 == 0:
+            draw.text((6, top + i * row + max(0, row // 2 - 6)), str(i), fill=(40, 40, 40))
+        for h in range(H):
+            v = float(values[i, h]) / vmax
+            colour = (int(255 * (1 - v)), int(255 * (1 - 0.8 * v)), int(255 - 110 * v))
+            draw.rectangle([left + h * cell, top + i * row, left + (h + 1) * cell - 1, top + (i + 1) * row - 1],
+                           fill=colour)
+    return img
+
+
+# ---------------------------------------------------------------- the page
+
+
+def _sampling(temperature, top_p, max_tokens, presence, frequency, seed) -> Sampling:
+    try:
+        return Sampling(float(temperature), float(top_p), int(max_tokens), float(presence), float(frequency),
+                        int(seed or 0))
+    except (TypeError, ValueError) as e:
+        raise StateHubError(f"bad sampling setting: {e}") from None
+
+
+def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True):
+    """The Gradio Blocks over `engine`, queued with `concurrency` requests at a time."""
+    import gradio as gr
+
+    spec = engine.spec
+    labels = engine.labels(None)
+    first = labels[0] if labels else None
+    preview_texts = ("", "")
+    if preview and first:
+        prompt = engine.prompts[0]
+        *_, last = side_by_side(engine.runner.complete(prompt, None, DEFAULT_SAMPLING),
+                                engine.runner.complete(prompt, engine.states[first].state, DEFAULT_SAMPLING))
+        preview_texts = (prompt + last[0], prompt + last[1])
+
+    def fail(e: StateHubError):
+        return gr.Error(str(e), print_exception=False)
+
+    def choices(session: dict, value: str | None):
+        names = engine.labels(session)
+        return (gr.Dropdown(choices=names, value=value), gr.Dropdown(choices=names, value=value),
+                gr.Dropdown(choices=[NO_STATE, *names]))
+
+    def complete(prompt, label, temperature, top_p, max_tokens, presence, frequency, seed, session):
+        try:
+            s = _sampling(temperature, top_p, max_tokens, presence, frequency, seed)
+            state = engine.lookup(label, session).state
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise StateHubError(f"the prompt has {len(prompt)} characters; the page takes up to {MAX_PROMPT_CHARS}")
+            for a, b in side_by_side(engine.runner.complete(prompt, None, s), engine.runner.complete(prompt, state, s)):
+                yield prompt + a, prompt + b
+        except StateHubError as e:
+            raise fail(e) from None
+
+    def chat(message, label, temperature, top_p, max_tokens, presence, frequency, seed, session):
+        try:
+            s = _sampling(temperature, top_p, max_tokens, presence, frequency, seed)
+            state = engine.lookup(label, session).state
+            if not message or not message.strip():
+                raise StateHubError("the message is empty")
+            conv = session.get("chat")
+            if conv is None or conv["label"] != label:  # another state: a new conversation
+                conv = session["chat"] = {"label": label, "base": Conversation(), "tuned": Conversation(),
+                                          "history": ([], [])}
+            hist_base, hist_tuned = conv["history"]
+            user = {"role": "user", "content": message}
+            a = b = ""
+            for a, b in side_by_side(conv["base"].turn(engine.runner, None, message, s),
+                                     conv["tuned"].turn(engine.runner, state, message, s)):
+                yield (hist_base + [user, {"role": "assistant", "content": a}],
+                       hist_tuned + [user, {"role": "assistant", "content": b}], "", session)
+            hist_base += [user, {"role": "assistant", "content": a}]
+            hist_tuned += [user, {"role": "assistant", "content": b}]
+            yield hist_base, hist_tuned, "", session
+        except StateHubError as e:
+            raise fail(e) from None
+
+    def clear_chat(session):
+        session["chat"] = None
+        return [], [], session
+
+    def upload(path, session):
+        if not path:
+            return "No file.", gr.skip(), gr.skip(), gr.skip(), session
+        try:
+            label, notes = engine.load_upload(path, session)
+        except StateHubError as e:
+            return f"**Not loaded.** {e}", gr.skip(), gr.skip(), gr.skip(), session
+        msg = f"**Loaded** `{label}`: fits {spec.name}." + "".join(f"\n\nNote: {n}" for n in notes)
+        return (msg, *choices(session, label), session)
+
+    def bake_prompt(prompt, session):
+        try:
+            label, files, notes = engine.bake(prompt, session)
+        except StateHubError as e:
+            raise fail(e) from None
+        offered = session["extra"][label]
+        quoted = "\n".join(f"> {line}" for line in prompt.splitlines()) or ">"
+        msg = (f"**{label}**, baked from:\n\n{quoted}\n\n{describe_state(offered)}\n\n"
+               + "".join(f"- {n}\n" for n in notes))
+        return (msg, [str(f) for f in files], *choices(session, label), session)
+
+    def inspect(a, b, session):
+        try:
+            return engine.inspect(a, b, session)
+        except StateHubError as e:
+            raise fail(e) from None
+
+    def card(label, session):
+        try:
+            return engine.card(label, session)
+        except StateHubError as e:
+            return str(e)
+
+    header = (f"# RWKV state hub: the base model and a state, side by side\n"
+              f"**{spec.name}** · RWKV {spec.arch} · {spec.dims()} · sha256 `{(spec.sha256 or '')[:12]}` · "
+              f"tokenizer {engine.tokenizer.name} · `rwkv` pip package, `{engine.strategy}` · "
+              f"{len(engine.states)} state(s) that fit this model")
+    with gr.Blocks(title="rwkv-state-hub demo") as demo:
+        # a conversation holds two recurrent states (MBs each for big models): dropped an hour after last use
+        session = gr.State(new_session(), time_to_live=SESSION_TTL_S)
+        gr.Markdown(header)
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    with gr.Tab("Completion"):
+                        prompt = gr.Textbox(engine.prompts[0], label="Prompt", lines=2)
+                        gr.Examples([[p] for p in engine.prompts], inputs=[prompt])
+                        go = gr.Button("Generate", variant="primary")
+                        with gr.Row():
+                            out_base = gr.Textbox(preview_texts[0], label="Base model", lines=8)
+                            out_tuned = gr.Textbox(preview_texts[1], label="Base model + state", lines=8)
+                    with gr.Tab("Chat"):
+                        with gr.Row():
+                            chat_base = gr.Chatbot(label="Base model", height=320)
+                            chat_tuned = gr.Chatbot(label="Base model + state", height=320)
+                        message = gr.Textbox(label="Message", placeholder="Say something; Enter sends")
+                        with gr.Row():
+                            send = gr.Button("Send", variant="primary")
+                            clear = gr.Button("New conversation")
+                    with gr.Tab("Upload a state"):
+                        upload_file = gr.File(label=f"A state file (.safetensors, .pth, .st; up to "
+                                                    f"{engine.max_upload_bytes / 2**20:g} MB)")
+                        upload_msg = gr.Markdown()
+                    with gr.Tab("Inspect"):
+                        with gr.Row():
+                            insp_a = gr.Dropdown(labels, value=first, label="State A")
+                            insp_b = gr.Dropdown([NO_STATE, *labels], value=NO_STATE, label="State B (to compare)")
+                        insp_go = gr.Button("Inspect")
+                        with gr.Row():
+                            norms = gr.Image(label="Norm per layer and head (A)", format="png", type="pil")
+                            diff_img = gr.Image(label="Difference A vs B", format="png", type="filepath")
+                        diff_text = gr.Textbox(label="Difference table", lines=8)
+                    with gr.Tab("Bake a state from a prompt"):
+                        with gr.Row():
+                            with gr.Column():
+                                bake_text = gr.Textbox(label="System prompt", lines=10,
+                                                       placeholder="Text to run through the model; the state it "
+                                                                   "leaves is the new state")
+                                bake_go = gr.Button("Bake", variant="primary")
+                            with gr.Column():
+                                bake_msg = gr.Markdown()
+                                bake_files = gr.File(label="The state in every format", file_count="multiple")
+            with gr.Column(scale=1):
+                picked = gr.Dropdown(labels, value=first, label="State")
+                card_md = gr.Markdown(engine.card(first, None) if first else "No state offered: upload one.")
+                with gr.Accordion("Sampling", open=True):
+                    temperature = gr.Slider(0, 2, DEFAULT_SAMPLING.temperature, step=0.05,
+                                            label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0, 1, DEFAULT_SAMPLING.top_p, step=0.01, label="Top-p")
+                    max_tokens = gr.Slider(1, 1024, DEFAULT_SAMPLING.max_tokens, step=1, label="Max tokens")
+                    presence = gr.Slider(0, 2, DEFAULT_SAMPLING.presence_penalty, step=0.05, label="Presence penalty")
+                    frequency = gr.Slider(0, 2, DEFAULT_SAMPLING.frequency_penalty, step=0.05,
+                                          label="Frequency penalty")
+                    seed = gr.Number(0, precision=0, label="Seed")
+                if engine.skipped:
+                    with gr.Accordion(f"Not offered ({len(engine.skipped)})", open=False):
+                        gr.Markdown("\n".join(f"- {s}" for s in engine.skipped))
+        knobs = [temperature, top_p, max_tokens, presence, frequency, seed]
+
+        model = {"concurrency_id": "model", "concurrency_limit": concurrency}  # one queue for all model work
+        go.click(complete, [prompt, picked, *knobs, session], [out_base, out_tuned], api_name="complete", **model)
+        prompt.submit(complete, [prompt, picked, *knobs, session], [out_base, out_tuned], api_name=False, **model)
+        chat_io = ([message, picked, *knobs, session], [chat_base, chat_tuned, message, session])
+        send.click(chat, *chat_io, api_name="chat", **model)
+        message.submit(chat, *chat_io, api_name=False, **model)
+        clear.click(clear_chat, [session], [chat_base, chat_tuned, session], api_name="clear_chat")
+        upload_file.upload(upload, [upload_file, session], [upload_msg, picked, insp_a, insp_b, session],
+                           api_name="upload")
+        bake_go.click(bake_prompt, [bake_text, session], [bake_msg, bake_files, picked, insp_a, insp_b, session],
+                      api_name="bake", **model)
+        insp_go.click(inspect, [insp_a, insp_b, session], [norms, diff_img, diff_text], api_name="inspect")
+        picked.change(card, [picked, session], [card_md], api_name="card")
+    demo.queue(default_concurrency_limit=concurrency)
+    demo.engine, demo.session_state = engine, session
+    return demo
+
+
+def create_demo(model: str | os.PathLike, states: list[str] | tuple[str, ...] = (), *, tokenizer: str | None = None,
+                strategy: str = "cpu fp32", concurrency: int = 2, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                preview: bool = True, prompts: list[str] | None = None):
+    """Load the model and states, and build the page."""
+    engine = DemoEngine(model, states, tokenizer=tokenizer, strategy=strategy, max_upload_bytes=max_upload_bytes,
+                        prompts=prompts)
+    return build_demo(engine, concurrency=concurrency, preview=preview)
+
+
+def launch_demo(demo, host: str | None = None, port: int | None = None, share: bool = False,
+                prevent_thread_lock: bool = False):
+    """Serve the page; returns Gradio's (app, local url, share url). Gradio itself refuses uploads over
+    4x our limit, so that a huge file never fills the disk before our check sees it."""
+    return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
+                       show_error=True, ssr_mode=False, max_file_size=4 * demo.engine.max_upload_bytes,
+                       footer_links=["api"], quiet=prevent_thread_lock)
+
+
+def settings_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """create_demo's arguments from the environment (a Hugging Face Space is configured this way)."""
+    env = dict(os.environ if env is None else env)
+    states = env.get("RWKV_STATE_HUB_STATES")
+    try:
+        return {
+            "model": env.get("RWKV_STATE_HUB_MODEL") or str(EXAMPLE_MODEL),
+            "states": [s.strip() for s in states.split(",") if s.strip()] if states is not None
+            else [str(EXAMPLE_STATES)],
+            "tokenizer": env.get("RWKV_STATE_HUB_TOKENIZER") or None,
+            "strategy": env.get("RWKV_STATE_HUB_STRATEGY") or "cpu fp32",
+            "concurrency": int(env.get("RWKV_STATE_HUB_CONCURRENCY") or 2),
+            "max_upload_bytes": int(float(env.get("RWKV_STATE_HUB_MAX_UPLOAD_MB") or 64) * 2**20),
+            "preview": (env.get("RWKV_STATE_HUB_PREVIEW") or "1") not in ("0", "false", "no"),
+        }
+    except ValueError as e:
+        raise StateHubError(f"bad RWKV_STATE_HUB_* setting: {e}") from None
+
