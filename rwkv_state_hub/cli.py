@@ -25,6 +25,23 @@ class _Group(click.Group):
             raise click.ClickException(str(e)) from None
 
 
+class _ModelPath(click.ParamType):
+    """A base model .pth: a local path, or hf://owner/repo/file.pth (downloaded through huggingface_hub's cache)."""
+
+    name = "model"
+
+    def convert(self, value, param, ctx):
+        from .hub import resolve_model
+
+        try:
+            return str(resolve_model(value)) if str(value).startswith("hf://") else value
+        except StateHubError as e:
+            self.fail(str(e), param, ctx)
+
+
+MODEL_PATH = _ModelPath()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rwkv-state")
 def cli() -> None:
@@ -58,7 +75,7 @@ def info(file: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("state", type=click.Path(dir_okay=False))
-@click.option("--model", "model", required=True, type=click.Path(dir_okay=False), help="The base model .pth.")
+@click.option("--model", "model", required=True, type=MODEL_PATH, help="The base model .pth (or hf://...).")
 @click.option("--force", is_flag=True, help="Report problems but exit 0.")
 def check(state: str, model: str, force: bool) -> None:
     """Does STATE fit the base model: layers, heads, head size, dtype, finite values, base-model sha256."""
@@ -79,7 +96,7 @@ def check(state: str, model: str, force: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
 @click.option("--dtype", type=click.Choice(list(PTH_DTYPES)), default="fp32", show_default=True,
               help="Tensor dtype of a pth export.")
-@click.option("--model", "model", type=click.Path(dir_okay=False),
+@click.option("--model", "model", type=MODEL_PATH,
               help="Base model: checked against, recorded in the output; required for --format merged.")
 @click.option("--force", is_flag=True, help="Export even if the state does not fit --model.")
 def export(state: str, fmt: str, output: str, dtype: str, model: str | None, force: bool) -> None:
@@ -112,7 +129,7 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
 
 
 @cli.command()
-@click.option("--model", help="Base model .pth (BlinkDL format, v5.2 / v6 / v7).")
+@click.option("--model", type=MODEL_PATH, help="Base model .pth (BlinkDL format, v5.2 / v6 / v7; or hf://...).")
 @click.option("--data", multiple=True, help="Training data: .jsonl, .txt, binidx (.bin/.idx) or a folder. Repeatable.")
 @click.option("--val-data", multiple=True, help="Held-out data, evaluated every --val-every steps.")
 @click.option("--out", help="Output folder.  [default: runs/state]")
@@ -129,6 +146,8 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
 @click.option("--grad-clip", type=float, help="Gradient norm clip.  [default: 1.0]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Weights' dtype; the state is always fp32.")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations (less memory).")
+@click.option("--memory-budget", type=float,
+              help="Peak memory in GiB (CPU): recompute as many layers as that needs.  [default: what is free]")
 @click.option("--full-state/--no-full-state", default=None, help="Also learn the token-shift states.")
 @click.option("--state-encoder/--no-state-encoder", default=None,
               help="Learn the state through a per-layer MLP (training only; the saved state is plain).")
@@ -137,6 +156,8 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
 @click.option("--val-every", type=int, help="[default: 50]")
 @click.option("--save-every", type=int, help="Checkpoint interval in steps.  [default: 50]")
 @click.option("--device", help="auto | cpu | cuda  [default: auto]")
+@click.option("--kernel", type=click.Choice(["auto", "torch", "cuda"]),
+              help="WKV: cuda = the CUDA kernels (not yet verified on a GPU); auto = torch for now.  [default: auto]")
 @click.option("--export", "exports", multiple=True, help="Also write consumer formats: pth, ai00 (comma-separated).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Check model, data and tokenizer, show a sample; train nothing.")
@@ -158,6 +179,7 @@ def train(config_file, resume, dry_run, exports, data, val_data, **options) -> N
     for required in ("model", "data"):
         if not settings.get(required):
             raise StateHubError(f"--{required} is required (on the command line or in --config)")
+    settings["model"] = MODEL_PATH.convert(settings["model"], None, None)  # hf:// from a --config file too
     cfg = TrainConfig.from_dict(settings, config_file or "options")
     if dry_run:
         click.echo(describe_run(cfg))
@@ -168,7 +190,7 @@ def train(config_file, resume, dry_run, exports, data, val_data, **options) -> N
 
 
 @cli.command("eval")
-@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Base model .pth.")
+@click.option("--model", required=True, type=MODEL_PATH, help="Base model .pth (or hf://owner/repo/file.pth).")
 @click.option("--state", "states", multiple=True, type=click.Path(dir_okay=False), help="Tuned state(s). Repeatable.")
 @click.option("--data", "data", required=True, multiple=True, help="Held-out data (same formats as train).")
 @click.option("--few-shot-data", help="Draw a few-shot prompt from this (training) data for the comparison row.")
@@ -191,7 +213,7 @@ def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, 
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Base model .pth.")
+@click.option("--model", required=True, type=MODEL_PATH, help="Base model .pth (or hf://owner/repo/file.pth).")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), help="A state: shown beside the base model.")
 @click.option("--prompt", default="", help="Text to continue.")
 @click.option("--max-tokens", type=int, default=80, show_default=True)
@@ -225,7 +247,7 @@ def generate(model, state_path, prompt, max_tokens, temperature, top_p, seed, sa
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Base model .pth.")
+@click.option("--model", required=True, type=MODEL_PATH, help="Base model .pth (or hf://owner/repo/file.pth).")
 @click.option("--prompt", help="The text to bake into a state.")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a file.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output state.")
@@ -283,6 +305,132 @@ def diff(a, b, png) -> None:
     if png:
         save_heatmap(d, png)
         click.echo(f"wrote {png}")
+
+
+def _hub_options(f):
+    """--token and --endpoint, the huggingface_hub way (defaults: `hf auth login` / HF_TOKEN, HF_ENDPOINT)."""
+    f = click.option("--endpoint", help="Hub URL.  [default: $HF_ENDPOINT or https://huggingface.co]")(f)
+    return click.option("--token", help="Hugging Face token.  [default: from `hf auth login` or $HF_TOKEN]")(f)
+
+
+@cli.command()
+@click.argument("state", type=click.Path(dir_okay=False))
+@click.argument("repo_id")
+@click.option("--model", help="The base model (.pth or hf://owner/repo/file.pth): checked, and recorded in the repo.")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", help="Branch to commit to (created if missing).  [default: main]")
+@click.option("--exports", default="pth,ai00", show_default=True,
+              help="Consumer files uploaded beside the native one: pth, ai00 (comma-separated, '' for none).")
+@click.option("--force", is_flag=True, help="Push a state that records another base model than --model.")
+@_hub_options
+def push(state, repo_id, model, private, revision, exports, force, token, endpoint) -> None:
+    """Upload STATE to the Hub repo REPO_ID: state, exports, manifest and model card in one commit."""
+    from .hub import push as run
+
+    r = run(state, repo_id, model=model, private=private, revision=revision, exports=_split_list((exports,)),
+            token=token, endpoint=endpoint, force=force)
+    for w in r.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"pushed {', '.join(r.files)} to {r.url} (commit {r.commit[:12]}), "
+               f"for base model {r.base_model.label} sha256 {r.base_model.sha256[:12]}")
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option("--model", help="The base model you have (.pth or hf://owner/repo/file.pth): the state must be made "
+                              "for it.")
+@click.option("--format", "fmt", type=click.Choice(["native", "pth", "ai00"]), default="native", show_default=True)
+@click.option("-o", "--output", type=click.Path(), help="Write the verified file here (a file or a folder).")
+@click.option("--revision", help="Branch, tag or commit.  [default: main]")
+@click.option("--force", is_flag=True, help="Use a state made for another base model anyway.")
+@_hub_options
+def pull(repo_id, model, fmt, output, revision, force, token, endpoint) -> None:
+    """Download a state from REPO_ID, verify every byte, and check it was made for --model."""
+    from .hub import pull_state
+
+    r = pull_state(repo_id, model, fmt=fmt, output=output, revision=revision, force=force, token=token,
+                   endpoint=endpoint)
+    for w in r.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if model is None:
+        click.echo(f"note: no --model given; {repo_id} is made for sha256 {r.manifest['base_model_sha256']}, "
+                   "not checked", err=True)
+    click.echo(str(r.path))
+
+
+@cli.command()
+@click.option("--model", help="A base model (.pth or hf://owner/repo/file.pth; a Hub model is not downloaded).")
+@click.option("--sha256", help="The sha256 of the base model file.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_hub_options
+def search(model, sha256, limit, as_json, token, endpoint) -> None:
+    """List the states on the Hub made for exactly this base model (by its sha256, through the Hub's search)."""
+    from dataclasses import asdict
+
+    from .hub import search as run
+
+    found = run(model, sha256=sha256, token=token, endpoint=endpoint, limit=limit)
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in found], indent=2, default=str))
+        return
+    if not found:
+        click.echo("no states found for this base model", err=True)
+        return
+    click.echo(f"{'repo':<40} {'arch':<5} {'dims':<28} {'downloads':>9} {'likes':>5}  last modified")
+    for r in found:
+        when = r.last_modified.strftime("%Y-%m-%d") if r.last_modified else "?"
+        click.echo(f"{r.repo_id:<40} {r.arch or '?':<5} {r.dims or '?':<28} {r.downloads or 0:>9} "
+                   f"{r.likes or 0:>5}  {when}")
+
+
+@cli.command()
+@click.option("--arch", default="v7,v6", show_default=True, help="Comma-separated: v5.2, v6, v7.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per step (micro-batch 1).")
+@click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per configuration.")
+@click.option("--configs", default="naive,fp32,bf16,lean-fp32,lean-bf16", show_default=True,
+              help="Comma-separated configurations to run.")
+def bench(arch, ctx, steps, configs) -> None:
+    """State-tuning speed and peak memory on this CPU against a naive baseline (benchmarks/train_speed.py)."""
+    from .bench import CONFIGS, run
+
+    chosen = _split_list((configs,))
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown:
+        raise StateHubError(f"--configs {unknown[0]}: choose from {', '.join(CONFIGS)}")
+    run(_split_list((arch,)), ctx, steps, chosen, out=lambda line: click.echo(line))
+
+
+@cli.command()
+@click.option("--model", required=True, help="Base model .pth (or hf://owner/repo/file.pth).")
+@click.option("--states", "states", multiple=True,
+              help="A state file, a folder of them, or a Hub repo (owner/name). Repeatable.")
+@click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
+@click.option("--strategy", default="cpu fp32", show_default=True, help="rwkv pip strategy: one device, one dtype.")
+@click.option("--host", help="Address to listen on.  [default: 127.0.0.1, or $GRADIO_SERVER_NAME]")
+@click.option("--port", type=int, help="Port.  [default: 7860, or $GRADIO_SERVER_PORT]")
+@click.option("--share", is_flag=True, help="Also serve through a public gradio.live link.")
+@click.option("--concurrency", type=int, default=2, show_default=True, help="Requests run at once.")
+def demo(model, states, tokenizer, strategy, host, port, share, concurrency) -> None:
+    """The web page: the base model and a state side by side (chat, completion, inspect, bake, upload)."""
+    from .demo import create_demo, launch_demo
+
+    page = create_demo(model, list(states), tokenizer=tokenizer, strategy=strategy, concurrency=concurrency)
+    for note in page.engine.skipped:
+        click.echo(f"not offered: {note}", err=True)
+    launch_demo(page, host=host, port=port, share=share)
+
+
+def _add_plugin_commands() -> None:
+    """`runner` and `ai00`: the consumers' command groups, defined beside their rules in plugins/."""
+    from .plugins.ai00.cli import ai00
+    from .plugins.rwkv_runner.cli import runner
+
+    cli.add_command(runner)
+    cli.add_command(ai00)
+
+
+_add_plugin_commands()
 
 
 def main() -> None:

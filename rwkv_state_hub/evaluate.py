@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import Dataset, Sample, collate
 from .model import RWKV, RecurrentState
-from .model.common import linear
+from .model.common import head_loss, linear
 
 
 @dataclass
@@ -49,6 +49,8 @@ def batch_loss(model: RWKV, batch, state: RecurrentState | None) -> tuple[Tensor
     per_position = B * model.spec.vocab_size * 4
     chunk = max(16, HEAD_BUDGET // per_position)
     weight = batch.loss_mask.to(hidden.dtype)
+    if torch.is_grad_enabled() and hidden.requires_grad and not model.head.weight.requires_grad:
+        return head_loss(hidden, model.head, batch.targets, weight), None  # training a state: fused, lean
     if chunk >= T:
         return _head_loss(hidden, model.head, batch.targets, weight)
     loss, correct = hidden.new_zeros(()), hidden.new_zeros(())

@@ -21,20 +21,23 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, wkv
 from .checkpoint import read_checkpoint
 from .data import Dataset, collate, load_dataset
 from .errors import StateHubError
 from .evaluate import EvalResult, batch_loss, evaluate
 from .files import atomic_write, atomic_write_bytes
 from .formats import export_state, save_native
-from .model import EncodedState, LearnedState, build_model
+from .model import EncodedState, LearnedState, build_model, memory
+from .model.common import HEAD_CHUNK_BYTES
 from .plot import plot_losses
 from .state import State
 from .tokenizer import get_tokenizer
+from .wkv import cuda as cuda_wkv
 
 CHECKPOINT = "checkpoint.pt"
 EXPORT_NAMES = {"pth": "state.pth", "ai00": "state.st", "safetensors": "state.safetensors"}
+KERNELS = ("auto", "torch", "cuda")
 
 
 @dataclass
@@ -60,6 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     grad_checkpoint: bool = False
+    memory_budget: float | None = None  # GiB of peak RSS (CPU); None: recompute only if RAM would run out
     full_state: bool = False
     state_encoder: bool = False  # learn the state through a per-layer MLP (training only)
     encoder_lr_scale: float = 0.03  # the encoder's learning rate relative to --lr-init
@@ -67,6 +71,7 @@ class TrainConfig:
     val_every: int = 50
     save_every: int = 50
     device: str = "auto"
+    kernel: str = "auto"  # WKV: auto = torch (until the CUDA kernels are verified on hardware), torch, cuda
     export: list[str] = field(default_factory=list)
 
     @classmethod
@@ -186,13 +191,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     for fmt in cfg.export:
         if fmt not in EXPORT_NAMES:
             raise StateHubError(f"--export {fmt}: choose from {', '.join(EXPORT_NAMES)}")
+    if cfg.kernel not in KERNELS:
+        raise StateHubError(f"--kernel {cfg.kernel}: choose from {', '.join(KERNELS)}")
+    use_cuda_kernels = cfg.kernel == "cuda" and device.type == "cuda"
+    if use_cuda_kernels:
+        cuda_wkv.load()  # build (or find) the kernels now; where they cannot run, one line says why
+    elif cfg.kernel == "cuda":
+        cuda_wkv.tell(f"--kernel cuda with --device {device.type}")
 
     spec, weights = read_checkpoint(cfg.model)
     model = build_model(spec, weights, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
                         device=device)
     model.gradient_checkpointing = cfg.grad_checkpoint
+    del weights  # the model holds all it uses: a checkpoint whose tensors were widened is unmapped now
     tokenizer = get_tokenizer(cfg.tokenizer, spec)
     data = load_dataset(cfg.data, tokenizer, cfg.ctx_len, spec.vocab_size)
+    if device.type == "cpu" and not cfg.grad_checkpoint:
+        model.recompute_layers = _recompute_for_budget(model, cfg)
     val = load_dataset(cfg.val_data, tokenizer, cfg.ctx_len, spec.vocab_size) if cfg.val_data else None
 
     global_bsz = cfg.micro_bsz * cfg.grad_accum * ddp.world
@@ -253,6 +268,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             stop["requested"] = True
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
 
+    previous_kernel = wkv.set_backend("cuda" if use_cuda_kernels else None)
     bar = tqdm(total=total, initial=run["step"], desc="state tuning", unit="step", disable=not (progress and ddp.main))
     started, tokens_at_start = time.perf_counter(), run["tokens"]
     try:
@@ -306,6 +322,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 break
     finally:
         bar.close()
+        wkv.set_backend(previous_kernel)
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
 
@@ -321,6 +338,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     final = EvalResult(run["final_val"], 0.0, 0) if run["final_val"] is not None else None
     speed = (run["tokens"] - tokens_at_start) / max(seconds, 1e-9)
     return TrainResult(out, state, run["step"], run["tokens"], final, run["best_val"], interrupted, speed)
+
+
+def _recompute_for_budget(model, cfg: TrainConfig) -> int:
+    """How many blocks recompute their activations so that a step stays within --memory-budget (or, with
+    none given, within the memory the machine has free): 0 when everything fits."""
+    if cfg.memory_budget is not None and not cfg.memory_budget > 0:
+        raise StateHubError(f"--memory-budget {cfg.memory_budget}: must be a positive number of GiB")
+    budget = cfg.memory_budget * 2**30 if cfg.memory_budget is not None else memory.default_budget()
+    if budget is None:
+        return 0
+    return memory.plan_recompute(model, cfg.micro_bsz, cfg.ctx_len, budget)
 
 
 def _is_main_thread() -> bool:
@@ -380,10 +408,11 @@ def dry_run(cfg: TrainConfig) -> str:
         piece = tokenizer.decode([tok])
         rendered.append(f"\x1b[1;32m{piece}\x1b[0m" if m else piece)
     longest = max(len(data[i].tokens) for i in range(min(len(data), 1000))) - 1
-    B, T, C, L, V = cfg.micro_bsz, min(cfg.ctx_len, longest), spec.n_embd, spec.n_layer, spec.vocab_size
+    B, T, C, L = cfg.micro_bsz, min(cfg.ctx_len, longest), spec.n_embd, spec.n_layer
     weight_bytes = spec.n_params * (2 if cfg.precision == "bf16" else 4)
-    # activations kept for the backward pass: ~40 floats per channel per layer per token, plus the logits
-    act_bytes = B * T * (L * C * 40 + 3 * V) * 4 // (L if cfg.grad_checkpoint else 1)
+    # activations kept for the backward pass: ~52 floats per channel per layer per token (measured, v6 and v7),
+    # and one chunk of logits (the head and the loss run in chunks); see model.memory for the exact probe
+    act_bytes = B * T * L * C * 52 * 4 // (L if cfg.grad_checkpoint else 1) + 2 * HEAD_CHUNK_BYTES
     lines = [
         f"model      {spec.name} ({spec.arch}, {spec.dims()}, vocab {spec.vocab_size})",
         f"tokenizer  {tokenizer.name}",

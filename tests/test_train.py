@@ -280,14 +280,17 @@ def test_state_encoder_trains_and_saves_a_plain_state(tmp_path):
 
 
 def test_chunked_head_and_loss_equal_the_whole_sequence_at_once(monkeypatch):
-    """batch_loss computes the head and the loss 128 positions at a time (recomputed in backward); the loss
-    and the state gradient must equal those from full logits."""
+    """batch_loss computes the head and the loss a chunk of positions at a time (training: fused, the state
+    gradient worked out with the loss; evaluation: under HEAD_BUDGET); the loss, the accuracy and the state
+    gradient must equal those from full logits."""
     import rwkv_state_hub.evaluate as ev
+    from rwkv_state_hub.model import common
 
     model = load_model(MODEL)
     data = load_dataset(TRAIN, get_tokenizer("bytes"), 512)
     batch = collate([data[i] for i in range(3)])
     monkeypatch.setattr(ev, "HEAD_BUDGET", 3 * 256 * 4 * 16)  # 16 positions a chunk: several on ~60 bytes
+    monkeypatch.setattr(common, "HEAD_CHUNK_BYTES", 16 * 256 * 4)  # the fused training loss: 16 rows a chunk
     results = []
     for chunked in (True, False):
         wkv = torch.zeros(model.spec.state_shape())[None].requires_grad_()
@@ -305,4 +308,5 @@ def test_chunked_head_and_loss_equal_the_whole_sequence_at_once(monkeypatch):
         results.append((loss.detach(), correct, wkv.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-4)
     assert float(results[0][1]) == float(results[1][1])
-    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)
+    # fp32 rounding of two equal formulas (logsumexp vs log_softmax): within 1e-5 of the largest gradient
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-5 * float(results[1][2].abs().max()))

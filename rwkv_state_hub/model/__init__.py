@@ -27,14 +27,22 @@ def build_model(
 ) -> RWKV:
     """Put checkpoint tensors into an RWKV module. Matrices (Linear, embedding, head) take `dtype`
     (default: as stored); everything else takes `compute_dtype` (fp32; fp64 only for gradient checks).
-    No weight ever requires a gradient."""
+    The embedding is a lookup, so it is never widened (a bf16 table stays bf16: each looked-up row is
+    widened exactly, and the widened table, 200 MB for a 0.1B model, never exists). Tensors already in
+    the wanted dtype are used as they are, not copied: with a memory-mapped checkpoint the model holds
+    the only copy. No weight ever requires a gradient."""
     with torch.device("meta"):
         model = RWKV(spec, *_MIXERS[spec.arch])
     linear_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)}
     for name, param in list(model.named_parameters()):
         t = weights[name]
         t = t.reshape(-1) if param.dim() == 1 else t
-        t = t.to(device=device, dtype=(dtype or t.dtype) if name in linear_weights else compute_dtype)
+        want = (dtype or t.dtype) if name in linear_weights else compute_dtype
+        if name == "emb.weight" and want.itemsize > t.dtype.itemsize:
+            # its own copy: a memory-mapped checkpoint whose other tensors were widened can then be unmapped
+            t = t.to(device=device, copy=True)
+        else:
+            t = t.to(device=device, dtype=want)
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, nn.Parameter(t, requires_grad=False))
     return model.eval()

@@ -159,6 +159,48 @@ def head_norm(y: Tensor, ln_x: nn.GroupNorm) -> Tensor:
     return out.view(B, T, H * N)
 
 
+HEAD_CHUNK_BYTES = 32 << 20  # fp32 logits alive at once in `head_loss` (512 positions of a 16k vocab)
+
+
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Sum of weighted cross-entropy through a frozen head, with d loss / d hidden worked out during the
+    forward pass, a chunk of rows at a time: full-vocabulary logits never exist for the whole sequence,
+    nothing of the size of the logits is kept for backward, and the head runs once (no recompute)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, head: Tensor, targets: Tensor, weight: Tensor, rows: int) -> Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        targets, weight = targets.reshape(-1), weight.reshape(-1).to(hidden.dtype)
+        grad = torch.empty_like(flat)
+        total = flat.new_zeros(())
+        for s in range(0, flat.shape[0], rows):
+            h, t, wt = flat[s : s + rows], targets[s : s + rows, None], weight[s : s + rows, None]
+            logits = F.linear(h.to(head.dtype), head).to(h.dtype)             # [rows, V]
+            lse = logits.logsumexp(-1, keepdim=True)
+            total += ((lse - logits.gather(1, t)) * wt).sum()
+            probs = logits.sub_(lse).exp_()                                   # softmax, in place
+            probs.scatter_add_(1, t, torch.full_like(wt, -1.0)).mul_(wt)      # d loss / d logits
+            grad[s : s + rows] = (probs.to(head.dtype) @ head).to(h.dtype)
+        ctx.save_for_backward(grad)
+        ctx.shape = hidden.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total).view(ctx.shape), None, None, None, None
+
+
+def head_loss(hidden: Tensor, head: nn.Linear, targets: Tensor, weight: Tensor) -> Tensor:
+    """sum(cross_entropy(head(hidden), targets) * weight) for training a state: the head is frozen, so
+    only the gradient to `hidden` is needed, and it is computed with the loss (see _FrozenHeadLoss).
+    hidden [B, T, C]; targets [B, T] (valid token ids everywhere, 0 at padding); weight [B, T]."""
+    if head.weight.requires_grad:
+        raise ValueError("head_loss is for a frozen head; this head requires a gradient")
+    rows = max(16, HEAD_CHUNK_BYTES // (head.weight.shape[0] * 4))
+    return _FrozenHeadLoss.apply(hidden, head.weight, targets, weight, rows)
+
+
 def neutral_where_padded(mask: Tensor | None, k: Tensor, v: Tensor, log_w: Tensor, *extra: Tensor):
     """At padding positions, make the recurrence an identity: k = v = 0, decay 1 (and v7's a = b = 0)."""
     if mask is None:
@@ -204,7 +246,16 @@ class RWKV(nn.Module):
         )
         self.ln_out = nn.LayerNorm(spec.n_embd)
         self.head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
-        self.gradient_checkpointing = False  # recompute each block's activations in the backward pass
+        self.recompute_layers = 0  # the first n blocks recompute their activations in the backward pass
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute every block's activations in the backward pass (see `recompute_layers`)."""
+        return self.recompute_layers >= len(self.blocks)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.recompute_layers = len(self.blocks) if on else 0
 
     def forward(
         self, tokens: Tensor, state: RecurrentState | None = None, mask: Tensor | None = None
@@ -230,7 +281,7 @@ class RWKV(nn.Module):
         att_xs, wkvs, ffn_xs = [], [], []
         for i, block in enumerate(self.blocks):
             args = (x, state.att_x[:, i], state.wkv[:, i], state.ffn_x[:, i], v_first, mask)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if i < self.recompute_layers and torch.is_grad_enabled():
                 # non-reentrant: the reentrant variant breaks when every weight is frozen
                 x, att_x, wkv, ffn_x, v_first = checkpoint(block, *args, use_reentrant=False)
             else:

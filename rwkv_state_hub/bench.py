@@ -1,0 +1,153 @@
+"""State-tuning speed and memory on the CPU, side by side with a naive baseline, in one run.
+
+    rwkv-state bench [--arch v7,v6] [--ctx 512] [--steps 3] [--configs naive,fp32,bf16,lean-fp32,lean-bf16]
+    (or .venv/bin/python benchmarks/train_speed.py with the same options)
+
+A random-weight RWKV of the 0.1B shape (L12 D768, head size 64, vocab 65536), saved in bf16 like the
+official checkpoints and memory-mapped from disk, micro-batch 1. Each configuration runs in a fresh
+process (so its peak RSS is its own) and does whole training steps (forward, loss, backward to the
+state, Adam on the state):
+    naive      the reference WKV loop with every weight requiring a gradient, fp32, full logits: what
+               training code that does not special-case frozen weights costs
+    fp32       the trainer's step: chunked WKV, frozen weights, head and loss fused in chunks
+    bf16       the same with bf16 weights (the official checkpoints are bf16; the state maths stays fp32)
+    lean-fp32  fp32 under a memory budget of "weights + 1 GiB", as `--memory-budget` does it: as many
+    lean-bf16  layers' activations recomputed in the backward pass as the budget needs (model/memory.py)
+Useful work is counted as 4 x (non-embedding parameters) FLOPs per token (2 forward, 2 for the
+backward to the inputs: frozen weights need no weight gradient), next to this machine's own matmul
+GFLOP/s in the same dtype, measured in the same run. Weights are n_params x the dtype's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+CONFIGS = ("naive", "fp32", "bf16", "lean-fp32", "lean-bf16")
+SHAPE = dict(n_layer=12, n_embd=768, head_size=64, vocab_size=65536)  # RWKV 0.1B
+LEAN_HEADROOM = 1 << 30  # the issue's target: peak RSS at most the weights + 1 GiB
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
+    """This machine's own matmul rate in `dtype`: the ceiling the training step is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def one_config(path: str, config: str, ctx: int, steps: int) -> dict:
+    """Runs in its own process: load the model, time `steps` training steps after one warm-up step."""
+    from .data import Batch
+    from .evaluate import batch_loss
+    from .model import LearnedState, load_model
+    from .model.memory import peak_rss_bytes, plan_recompute
+
+    os.environ["RWKV_STATE_HUB_WKV"] = "reference" if config == "naive" else "chunked"
+    dtype = torch.bfloat16 if config.endswith("bf16") else torch.float32
+    model = load_model(path, dtype=dtype)
+    weights_bytes = model.spec.n_params * dtype.itemsize
+    if config == "naive":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    non_embedding = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("emb."))
+    learned = LearnedState(model.spec)
+    opt = torch.optim.Adam(learned.parameters(), lr=1.0, betas=(0.9, 0.99), eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.spec.vocab_size, (1, ctx + 1), generator=g)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    batch = Batch(inputs, targets, torch.ones(1, ctx), torch.ones(1, ctx, dtype=torch.bool), ctx)
+    if config.startswith("lean"):  # as the trainer does under --memory-budget
+        model.recompute_layers = plan_recompute(model, 1, ctx, weights_bytes + LEAN_HEADROOM)
+
+    def step() -> None:
+        opt.zero_grad()
+        model.zero_grad(set_to_none=True)
+        if config == "naive":  # full logits, as plain training code computes them
+            logits, _ = model(inputs, learned())
+            loss = torch.nn.functional.cross_entropy(logits[0], targets[0])
+        else:  # the trainer's own loss
+            loss = batch_loss(model, batch, learned())[0] / ctx
+        loss.backward()
+        opt.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - t0) / steps
+    return {
+        "tokens_per_s": ctx / seconds,
+        "seconds_per_step": seconds,
+        "peak_rss_mib": peak_rss_bytes() / 2**20,
+        "weights_mib": weights_bytes / 2**20,
+        "recompute_layers": model.recompute_layers,
+        "gflops": 4 * non_embedding * ctx / seconds / 1e9,
+        "non_embedding_params": non_embedding,
+    }
+
+
+def run(archs: list[str], ctx: int = 512, steps: int = 3, configs: list[str] | None = None, out=print) -> list[dict]:
+    """The side-by-side table: every configuration of every architecture, each in a fresh process.
+    Returns the rows (also printed as they come)."""
+    from .random_model import random_checkpoint, save_checkpoint
+
+    configs = list(configs or CONFIGS)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    out(f"threads {torch.get_num_threads()}, ctx {ctx}, micro-batch 1, {steps} timed steps each; "
+        f"this machine's matmul: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s")
+    out(f"{'arch':<5} {'config':<10} {'tokens/s':>9} {'x ' + configs[0]:>8} {'s/step':>7} {'peak RSS MiB':>13} "
+        f"{'weights+1GiB':>13} {'recompute':>9} {'GFLOP/s':>8} {'% of matmul':>12}")
+    rows = []
+    for arch in archs:
+        base = None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/{arch}.pth"  # bf16 on disk, as the official checkpoints are
+            save_checkpoint(random_checkpoint(arch, seed=0, dtype=torch.bfloat16, **SHAPE), path)
+            for config in configs:
+                proc = subprocess.run([sys.executable, "-m", "rwkv_state_hub.bench", "--one", path, config,
+                                       "--ctx", str(ctx), "--steps", str(steps)], capture_output=True, text=True)
+                if proc.returncode:
+                    raise RuntimeError(f"{arch} {config} failed:\n{proc.stderr[-2000:]}")
+                r = {"arch": arch, "config": config, **json.loads(proc.stdout.strip().splitlines()[-1])}
+                base = base or r["tokens_per_s"]
+                dtype = "bf16" if config.endswith("bf16") else "fp32"
+                r["x_first"] = r["tokens_per_s"] / base
+                r["pct_of_matmul"] = 100 * r["gflops"] / peak[dtype]
+                rows.append(r)
+                target = r["weights_mib"] + LEAN_HEADROOM / 2**20
+                recompute = f"{r['recompute_layers']}/{SHAPE['n_layer']}"
+                out(f"{arch:<5} {config:<10} {r['tokens_per_s']:>9.1f} {r['x_first']:>7.2f}x "
+                    f"{r['seconds_per_step']:>7.2f} {r['peak_rss_mib']:>13.0f} {target:>13.0f} {recompute:>9} "
+                    f"{r['gflops']:>8.1f} {r['pct_of_matmul']:>11.1f}%")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="v7,v6", help="comma-separated: v5.2, v6, v7")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    ap.add_argument("--one", nargs=2, metavar=("CHECKPOINT", "CONFIG"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(one_config(args.one[0], args.one[1], args.ctx, args.steps)))
+        return
+    run(args.arch.split(","), args.ctx, args.steps, args.configs.split(","), out=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    main()

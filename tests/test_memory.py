@@ -1,0 +1,201 @@
+"""The lean training step: the fused head + loss, recompute by memory budget, one copy of the weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+
+from rwkv_state_hub import StateHubError
+from rwkv_state_hub.checkpoint import read_checkpoint
+from rwkv_state_hub.data import Batch
+from rwkv_state_hub.evaluate import batch_loss
+from rwkv_state_hub.model import LearnedState, build_model, common, load_model
+from rwkv_state_hub.model.memory import plan_recompute, rss_bytes, saved_bytes_per_token
+from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
+
+
+def full_logits_loss(hidden, head, targets, weight):
+    logits = F.linear(hidden.to(head.dtype), head).to(hidden.dtype)
+    return (F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weight).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype):
+    monkeypatch.setattr(common, "HEAD_CHUNK_BYTES", 16 * 500 * 4)  # 16 rows a chunk: 38 chunks, the last short
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(48, 500, bias=False).requires_grad_(False)
+    head.weight.data = (torch.randn(500, 48, generator=g) / 7).to(dtype)
+    hidden = torch.randn(2, 301, 48, generator=g, requires_grad=True)
+    targets = torch.randint(0, 500, (2, 301), generator=g)
+    weight = (torch.rand(2, 301, generator=g) > 0.3).float()
+    weight[1, 250:] = 0  # padding
+    ours = common.head_loss(hidden, head, targets, weight)
+    (g_ours,) = torch.autograd.grad(ours * 0.37, hidden)
+    ref = full_logits_loss(hidden, head.weight, targets, weight)
+    (g_ref,) = torch.autograd.grad(ref * 0.37, hidden)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert g_ours[1, 250:].abs().max() == 0  # nothing flows from padding
+    if dtype == torch.float32:
+        assert ((g_ours - g_ref).abs().max() / g_ref.abs().max()).item() < 1e-5
+    else:  # bf16 rounds the logits' gradient before the matmul, in either way: both are as close to exact
+        exact = hidden.detach().double().requires_grad_()
+        (g_exact,) = torch.autograd.grad(full_logits_loss(exact, head.weight.double(), targets, weight) * 0.37, exact)
+
+        def err(g):
+            return ((g - g_exact).abs().max() / g_exact.abs().max()).item()
+
+        assert err(g_ours) < 1e-2 and err(g_ours) < 2 * err(g_ref)
+
+
+def test_head_loss_refuses_a_trainable_head():
+    head = torch.nn.Linear(4, 8, bias=False)
+    with pytest.raises(ValueError, match="frozen"):
+        common.head_loss(torch.randn(1, 2, 4), head, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
+
+
+def batch_of(spec, T: int, seed: int = 0, pad: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, spec.vocab_size, (2, T + 1), generator=g)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    if pad:
+        mask[1, T - pad :] = False
+    return Batch(tokens[:, :-1], tokens[:, 1:], mask.float(), mask, int(mask.sum()))
+
+
+def loss_and_state_grad(model, batch, learned):
+    learned.zero_grad()
+    loss = batch_loss(model, batch, learned())[0]
+    loss.backward()
+    return loss.detach(), learned.wkv.grad.clone()
+
+
+@pytest.mark.parametrize("arch", ["v5.2", "v6", "v7"])
+def test_recompute_by_layer_gives_identical_loss_and_state_gradient(random_models, arch):
+    model = load_model(random_models[arch])
+    g = torch.Generator().manual_seed(3)
+    learned = LearnedState(model.spec, wkv=torch.randn(model.spec.state_shape(), generator=g) * 0.3)
+    batch = batch_of(model.spec, 37, pad=9)
+    # the fused training loss agrees with full logits
+    hidden, _ = model.hidden(batch.inputs, learned(), batch.mask)
+    full = full_logits_loss(hidden, model.head.weight, batch.targets, batch.loss_mask)
+    loss0, grad0 = loss_and_state_grad(model, batch, learned)
+    assert loss0.item() == pytest.approx(full.item(), rel=1e-6)
+    for n in (1, model.spec.n_layer):
+        model.recompute_layers = n
+        loss, grad = loss_and_state_grad(model, batch, learned)
+        assert torch.equal(loss, loss0)
+        assert torch.allclose(grad, grad0, rtol=1e-6, atol=1e-9)
+    assert model.gradient_checkpointing  # all layers: the old switch reads true
+    model.gradient_checkpointing = False
+    assert model.recompute_layers == 0
+
+
+def test_plan_recompute_follows_the_budget():
+    sd = random_checkpoint("v7", n_layer=6, n_embd=128, head_size=64, vocab_size=256)
+    model = build_model(read_spec_free(sd), sd)
+    per_token = saved_bytes_per_token(model)
+    assert 20 * 4 * 128 < per_token < 400 * 4 * 128  # tens to hundreds of floats per channel per token
+    layer = per_token * 4 * 512  # one layer's activations for a 4 x 512 batch
+    budgets = [1e15, *(rss_bytes() + layer * k / 2 for k in range(60, -1, -1)), 0]
+    plans = [plan_recompute(model, 4, 512, budget) for budget in budgets]
+    assert plans[0] == 0 and plans[-1] == 6
+    assert plans == sorted(plans)  # less memory, more recompute
+    assert any(0 < n < 6 for n in plans)  # and partial plans in between
+
+
+def read_spec_free(sd):
+    from rwkv_state_hub.checkpoint import spec_from_state_dict
+
+    return spec_from_state_dict(sd)
+
+
+def test_bf16_model_shares_the_memory_mapped_checkpoint(tmp_path):
+    path = tmp_path / "m.pth"
+    save_checkpoint(random_checkpoint("v7", n_layer=2, n_embd=128, vocab_size=512, dtype=torch.bfloat16), path)
+    spec, weights = read_checkpoint(path)
+    model = build_model(spec, weights, dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and name != "blocks.0.att.r_k" and p.dtype == torch.bfloat16:
+            assert p.data_ptr() == weights[name].data_ptr(), name  # the mapped file itself, not a copy
+    wide = build_model(spec, weights, dtype=torch.float32)
+    assert wide.emb.weight.dtype == torch.bfloat16 and wide.head.weight.dtype == torch.float32
+    assert wide.emb.weight.data_ptr() != weights["emb.weight"].data_ptr()  # its own: the map can go
+    tokens = torch.tensor([[1, 5, 511, 7]])
+    assert torch.equal(wide.emb(tokens).float(), weights["emb.weight"][tokens].float())
+
+
+RSS_PROBE = """
+import gc, json, sys, torch
+from rwkv_state_hub.model import load_model
+from rwkv_state_hub.model.memory import rss_bytes
+
+def load_and_touch():
+    model = load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+    for p in model.parameters():
+        p.view(-1)[:: 1024 // p.element_size()].sum()  # touch every page of every weight, no copies
+    return model
+
+load_and_touch()  # warm-up (lazy imports, allocator); the second load is measured
+gc.collect()
+before = rss_bytes()
+model = load_and_touch()
+print(json.dumps(rss_bytes() - before))
+"""
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Measured in a fresh process: resident memory grows by the weights once (bf16: the mapped file; fp32:
+    the widened matrices and the bf16 embedding), not by a checkpoint copy on top."""
+    path = tmp_path / "m.pth"
+    sd = random_checkpoint("v6", n_layer=2, n_embd=256, vocab_size=65536, dtype=torch.bfloat16)
+    save_checkpoint(sd, path)
+    n = sum(t.numel() for t in sd.values())
+    emb = sd["emb.weight"].numel()
+    del sd
+    for dtype, expected in (("bfloat16", 2 * n), ("float32", 4 * (n - emb) + 2 * emb)):
+        r = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path), dtype], capture_output=True, text=True,
+                           cwd=REPO, check=True)
+        grew = json.loads(r.stdout)
+        assert 0.9 * expected < grew < expected + (24 << 20), (dtype, grew / 2**20, expected / 2**20)
+
+
+def test_bench_one_config_on_a_small_model(tmp_path):
+    path = tmp_path / "m.pth"
+    save_checkpoint(random_checkpoint("v7", n_layer=2, n_embd=128, vocab_size=512, dtype=torch.bfloat16), path)
+    # in a fresh process, as the benchmark runs each configuration: the budget counts this process's RSS
+    proc = subprocess.run([sys.executable, "-m", "rwkv_state_hub.bench", "--one", str(path), "lean-fp32",
+                           "--ctx", "32", "--steps", "1"], capture_output=True, text=True, cwd=REPO, check=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["tokens_per_s"] > 0 and r["gflops"] > 0 and r["recompute_layers"] == 0  # small: fits, no recompute
+    assert r["peak_rss_mib"] > r["weights_mib"] > 0
+    r = subprocess.run([sys.executable, "-m", "rwkv_state_hub.cli", "bench", "--configs", "fp32,fast"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode != 0 and "--configs fast" in r.stderr
+
+
+def test_train_rejects_a_non_positive_memory_budget(tmp_path):
+    from rwkv_state_hub.train import TrainConfig, _recompute_for_budget
+
+    model = load_model(REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth")
+    cfg = TrainConfig(model="m", data=["d"], memory_budget=0)
+    with pytest.raises(StateHubError, match="--memory-budget 0"):
+        _recompute_for_budget(model, cfg)
+    assert _recompute_for_budget(model, TrainConfig(model="m", data=["d"], memory_budget=1e-3)) == model.spec.n_layer
+    assert _recompute_for_budget(model, TrainConfig(model="m", data=["d"], memory_budget=1e6)) == 0
+
+
+def test_training_under_a_tight_memory_budget_learns_the_same_state(tmp_path):
+    from test_train import cfg
+
+    from rwkv_state_hub.train import train
+
+    plain = train(cfg(tmp_path, out=str(tmp_path / "a"), steps=2), progress=False).state
+    lean = train(cfg(tmp_path, out=str(tmp_path / "b"), steps=2, memory_budget=1e-3), progress=False).state
+    assert torch.allclose(plain.wkv, lean.wkv, atol=1e-6)
+    assert lean.metadata["training"]["hyperparameters"]["memory_budget"] == 1e-3
