@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,42 @@ def hub_server(hub_env, monkeypatch):
 # One intra-op thread: these tests run many tiny ops, where a second thread buys nothing, and two
 # spinning OpenMP pools on a busy 2-core machine can slow a test a hundredfold.
 torch.set_num_threads(1)
+
+
+class LoopbackPostServer:
+    """A real HTTP server on 127.0.0.1, in a thread, standing in for a server our client talks to. It records
+    every POST as (path, content type, JSON body) and answers with `answer(path, body)`: a status and a reply,
+    sent as JSON (bytes are sent as they are)."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append((self.path, self.headers["Content-Type"], body))
+                status, reply = owner.answer(self.path, body)
+                payload = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def answer(self, path: str, body: dict) -> tuple[int, object]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import threading
 import tomllib
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ARCHS, random_state_like
+from conftest import ARCHS, LoopbackPostServer, random_state_like
 from rwkv_state_hub.plugins import ai00
 from safetensors.torch import save_file
 
@@ -280,44 +278,24 @@ def test_install_and_chat_commands(make_ai00, tmp_path, random_models):
         result = CliRunner().invoke(cli, ["ai00", "chat", "Weather?", "--url", server.url, "--state", "weather",
                                           "--ai00-dir", str(root)])
     assert result.exit_code == 0, result.output
-    assert result.output == "Sunny, 21 C.\n" and server.requests[0][1]["state"] == sid
+    assert result.output == "Sunny, 21 C.\n" and server.requests[0][2]["state"] == sid
 
 
 # ---------------------------------------------------------------- chat against a real HTTP server
 
 
-class FakeAi00:
-    """A real HTTP server on 127.0.0.1 answering like Ai00's chat endpoint, recording each request."""
+class FakeAi00(LoopbackPostServer):
+    """Answers like Ai00's chat endpoint (an error status comes with a plain-text body)."""
 
     def __init__(self, content: str = "", status: int = 200, error: str = ""):
-        self.requests: list[tuple[str, dict]] = []
-        owner = self
+        super().__init__()
+        self.content, self.status, self.error = content, status, error
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append((self.path, body))
-                reply = {"object": "chat.completion", "model": "assets/models/x.st", "choices": [
-                    {"message": {"role": "Assistant", "content": content}, "index": 0, "finish_reason": "stop"}]}
-                payload = json.dumps(reply).encode() if status == 200 else error.encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, path: str, body: dict) -> tuple[int, object]:
+        if self.status != 200:
+            return self.status, self.error.encode()
+        return 200, {"object": "chat.completion", "model": "assets/models/x.st", "choices": [
+            {"message": {"role": "Assistant", "content": self.content}, "index": 0, "finish_reason": "stop"}]}
 
 
 def test_chat_sends_the_state_per_request():
@@ -326,7 +304,7 @@ def test_chat_sends_the_state_per_request():
         text = ai00.chat(server.url, "Hi!", state=sid.upper(), max_tokens=40, temperature=0.5)
         default = ai00.chat(server.url, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     assert text == default == "Hello there."
-    (path, body), (_, body2) = server.requests
+    (path, _, body), (_, _, body2) = server.requests
     assert path == "/api/oai/v1/chat/completions"
     assert body == {"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 40, "stream": False,
                     "temperature": 0.5, "state": sid}

@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ARCHS, random_state_like
+from conftest import ARCHS, LoopbackPostServer, random_state_like
 from pip_reference import pip_model
 from rwkv_state_hub.plugins import rwkv_runner
 
@@ -234,38 +232,16 @@ def test_install_command(runner_dir, tmp_path, random_models):
 # ---------------------------------------------------------------- mount / unmount against a real HTTP server
 
 
-class FakeRunner:
-    """A real HTTP server on 127.0.0.1 standing in for Runner's backend: records every request, answers what
-    Runner's /update-config answers (FastAPI: "success", or {"detail": ...} with the status)."""
+class FakeRunner(LoopbackPostServer):
+    """Stands in for Runner's backend: answers what Runner's /update-config answers (FastAPI: "success", or
+    {"detail": ...} with the status)."""
 
     def __init__(self, status: int = 200, detail: str | None = None):
-        self.requests: list[tuple[str, str, dict]] = []
-        owner = self
+        super().__init__()
+        self.status, self.detail = status, detail
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append((self.path, self.headers["Content-Type"], body))
-                payload = json.dumps("success" if status == 200 else {"detail": detail}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, path: str, body: dict) -> tuple[int, object]:
+        return self.status, "success" if self.status == 200 else {"detail": self.detail}
 
 
 def installed(runner_dir, tmp_path, random_models) -> Path:
