@@ -8,10 +8,12 @@ over the engine; `app.py` and `rwkv-state demo` both start it through `create_de
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
+import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ MAX_SCAN_BYTES = 512 << 20  # larger files in a --states folder are models, not 
 MAX_MERGED_BYTES = 512 << 20  # a merged export copies the whole model: written for small models only
 MAX_PROMPT_CHARS = 32_000
 SESSION_TTL_S = 3600
+MAX_OWN_STATES = 8  # uploaded and baked states a session keeps (up to 64 MB each): the oldest goes first
+SCRATCH_TTL_S = 600  # a request's files, once Gradio has copied them to its own cache (when it answers)
 STATE_SUFFIXES = (".safetensors", ".pth", ".pt", ".st", ".state")
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
@@ -111,10 +115,8 @@ class DemoEngine:
         self.states[label] = Offered(state.with_model(self.spec), origin or "a local file", card, _notes(state, self))
 
     def _add_hub(self, entry: str) -> None:
-        try:
-            from . import hub
-        except ImportError:
-            raise StateHubError(f"{entry}: no such file or folder") from None
+        from . import hub
+
         if not hub.is_repo_id(entry):
             raise StateHubError(f"{entry}: no such file or folder, and not a Hub repo id (owner/name)")
         try:
@@ -170,7 +172,7 @@ class DemoEngine:
             raise StateHubError(problems[0])
         offered = Offered(state.with_model(self.spec), f"uploaded {name}", notes=_notes(state, self))
         label = _unique(f"upload: {name}", self.labels(session))
-        session["extra"][label] = offered
+        _keep(session, label, offered)
         return label, offered.notes
 
     # ------------------------------------------------------------ bake, inspect
@@ -192,9 +194,9 @@ class DemoEngine:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise StateHubError(f"the prompt has {len(prompt)} characters; the page bakes up to {MAX_PROMPT_CHARS}")
         state = bake(self.own_model(), self.tokenizer, prompt)
-        digest = hashlib.sha256(prompt.encode()).hexdigest()[:10]
+        digest = state.metadata["training"]["prompt_sha256"][:10]
         state.source = f"baked-{digest}"
-        out = Path(tempfile.mkdtemp(prefix="bake-", dir=self._workdir.name))
+        out = self._scratch("bake-")
         files, notes = [], []
         for fmt, name in (("safetensors", f"baked-{digest}.safetensors"), ("pth", f"baked-{digest}.pth"),
                           ("ai00", f"baked-{digest}.st"), ("merged", f"{self.spec.name}-baked-{digest}.pth")):
@@ -209,7 +211,7 @@ class DemoEngine:
                 notes.append(f"{fmt}: not written: {e}")
         preview = prompt if len(prompt) <= 60 else prompt[:57] + "..."
         label = _unique(f"baked: {preview!r}", self.labels(session))
-        session["extra"][label] = Offered(state, "baked on this page", notes=notes)
+        _keep(session, label, Offered(state, "baked on this page", notes=notes))
         return label, files, notes
 
     def inspect(self, a: str | None, b: str | None, session: dict) -> tuple[Any, str | None, str]:
@@ -219,9 +221,19 @@ class DemoEngine:
         if not b or b == NO_STATE:
             return image, None, "Pick a second state to compare."
         d = diff(sa, self.lookup(b, session).state)
-        path = Path(tempfile.mkdtemp(prefix="diff-", dir=self._workdir.name)) / "diff.png"
+        path = self._scratch("diff-") / "diff.png"
         save_heatmap(d, path, cell=max(10, min(36, 440 // d.shape[1])))
         return image, str(path), f"A = {a}\nB = {b}\n||A - B|| / max(||A||, ||B||):\n\n{diff_table(d)}"
+
+    def _scratch(self, prefix: str) -> Path:
+        """A new folder for one request's files. Older ones are removed first: Gradio answered those requests
+        with copies in its own cache, so on a long-running Space they would only fill the disk."""
+        cutoff = time.time() - SCRATCH_TTL_S
+        for old in Path(self._workdir.name).iterdir():
+            with contextlib.suppress(OSError):  # another request may be removing it at the same time
+                if old.stat().st_mtime < cutoff:
+                    shutil.rmtree(old)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self._workdir.name))
 
     def close(self) -> None:
         self._workdir.cleanup()
@@ -240,6 +252,14 @@ def _unique(label: str, taken: list[str]) -> str:
     while out in taken:
         out, i = f"{label} ({i})", i + 1
     return out
+
+
+def _keep(session: dict, label: str, offered: Offered) -> None:
+    """Add a state to the session's own, dropping the oldest beyond MAX_OWN_STATES: memory stays bounded."""
+    extra = session["extra"]
+    extra[label] = offered
+    while len(extra) > MAX_OWN_STATES:
+        extra.pop(next(iter(extra)))
 
 
 def _notes(state: State, engine: DemoEngine) -> list[str]:
@@ -349,6 +369,9 @@ def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True
             state = engine.lookup(label, session).state
             if not message or not message.strip():
                 raise StateHubError("the message is empty")
+            if len(message) > MAX_PROMPT_CHARS:
+                raise StateHubError(f"the message has {len(message)} characters; the page takes up to "
+                                    f"{MAX_PROMPT_CHARS}")
             conv = session.get("chat")
             if conv is None or conv["label"] != label:  # another state: a new conversation
                 conv = session["chat"] = {"label": label, "base": Conversation(), "tuned": Conversation(),
@@ -407,7 +430,8 @@ def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True
               f"**{spec.name}** · RWKV {spec.arch} · {spec.dims()} · sha256 `{(spec.sha256 or '')[:12]}` · "
               f"tokenizer {engine.tokenizer.name} · `rwkv` pip package, `{engine.strategy}` · "
               f"{len(engine.states)} state(s) that fit this model")
-    with gr.Blocks(title="rwkv-state-hub demo") as demo:
+    # Gradio's own copies (uploads, images, baked files) are dropped when the session that made them would be
+    with gr.Blocks(title="rwkv-state-hub demo", delete_cache=(SESSION_TTL_S, SESSION_TTL_S)) as demo:
         # a conversation holds two recurrent states (MBs each for big models): dropped an hour after last use
         session = gr.State(new_session(), time_to_live=SESSION_TTL_S)
         gr.Markdown(header)
@@ -470,11 +494,12 @@ def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True
         knobs = [temperature, top_p, max_tokens, presence, frequency, seed]
 
         model = {"concurrency_id": "model", "concurrency_limit": concurrency}  # one queue for all model work
-        go.click(complete, [prompt, picked, *knobs, session], [out_base, out_tuned], api_name="complete", **model)
-        prompt.submit(complete, [prompt, picked, *knobs, session], [out_base, out_tuned], api_name=False, **model)
-        chat_io = ([message, picked, *knobs, session], [chat_base, chat_tuned, message, session])
-        send.click(chat, *chat_io, api_name="chat", **model)
-        message.submit(chat, *chat_io, api_name=False, **model)
+        # one event for the button and Enter: a second send while a reply streams is refused by the page, so
+        # two turns never run at once on the same conversation
+        gr.on([go.click, prompt.submit], complete, [prompt, picked, *knobs, session], [out_base, out_tuned],
+              api_name="complete", **model)
+        gr.on([send.click, message.submit], chat, [message, picked, *knobs, session],
+              [chat_base, chat_tuned, message, session], api_name="chat", **model)
         clear.click(clear_chat, [session], [chat_base, chat_tuned, session], api_name="clear_chat")
         upload_file.upload(upload, [upload_file, session], [upload_msg, picked, insp_a, insp_b, session],
                            api_name="upload")

@@ -154,6 +154,10 @@ def test_completion_streams_both_columns(app):
     steps = list(job)
     assert len(steps) >= 12  # one update per token, both columns at once
     assert all(len(a) <= len(b2) for (a, _), (b2, _) in zip(steps, steps[1:], strict=False))
+    assert all(len(a) <= len(b2) for (_, a), (_, b2) in zip(steps, steps[1:], strict=False))
+    final_base, final_tuned = steps[-1]
+    # both columns grow together, not one after the other
+    assert any(3 < len(a) < len(final_base) and 3 < len(b) < len(final_tuned) for a, b in steps)
     assert steps[-1] == tuple(job.outputs()[-1])
 
 
@@ -164,6 +168,10 @@ def test_bad_requests_get_a_message(app):
         client.predict("", WEATHER, *GREEDY, api_name="/complete")
     with pytest.raises(Exception, match="greater than maximum value 1"):  # Gradio checks the slider's range
         client.predict("W", WEATHER, 0, 3, 10, 0, 0, 0, api_name="/complete")
+    with pytest.raises(Exception, match="the prompt has 32001 characters"):
+        client.predict("x" * 32_001, WEATHER, *GREEDY, api_name="/complete")
+    with pytest.raises(Exception, match="the message has 32001 characters"):
+        client.predict("x" * 32_001, WEATHER, *GREEDY, api_name="/chat")
 
 
 def test_bad_uploads_get_a_message_on_the_page(app, tmp_path):
@@ -205,6 +213,27 @@ def test_bad_uploads_get_a_message_on_the_page(app, tmp_path):
     assert base != tuned
     with pytest.raises(Exception, match="not in the list of choices"):  # another visitor: not offered
         Client(url, verbose=False).predict("W", picked, *GREEDY, api_name="/complete")
+
+
+def test_a_session_keeps_bounded_files_and_states(app):
+    """A long-running page does not fill the disk or the memory: a request's files go once Gradio has answered
+    with its own copies, and a session keeps only its newest MAX_OWN_STATES states."""
+    from rwkv_state_hub.demo import MAX_OWN_STATES, SCRATCH_TTL_S, new_session
+
+    engine = app[0].engine
+    old = engine._scratch("diff-")
+    (old / "diff.png").write_bytes(b"png")
+    recent = engine._scratch("diff-")
+    os.utime(old, (time.time() - SCRATCH_TTL_S - 1,) * 2)
+    engine._scratch("bake-")
+    assert not old.exists() and recent.is_dir()
+    session = new_session()
+    state = load_state(REPO / "examples" / "states" / WEATHER)
+    path = Path(state.source)
+    labels = [engine.load_upload(path, session)[0] for _ in range(MAX_OWN_STATES + 2)]
+    assert list(session["extra"]) == labels[2:]
+    with pytest.raises(StateHubError, match="no such state here"):
+        engine.lookup(labels[1], session)
 
 
 def test_two_clients_keep_separate_conversations(app, pip_model):
