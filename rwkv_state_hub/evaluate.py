@@ -45,12 +45,11 @@ def batch_loss(model: RWKV, batch, state: RecurrentState | None) -> tuple[Tensor
     time and are recomputed in the backward pass, so full-vocabulary logits never exist for the whole
     sequence at once. (Below the budget one pass is faster: recomputing costs a second head forward.)"""
     hidden, _ = model.hidden(batch.inputs, state, batch.mask)
-    B, T, _ = hidden.shape
-    per_position = B * model.spec.vocab_size * 4
-    chunk = max(16, HEAD_BUDGET // per_position)
     weight = batch.loss_mask.to(hidden.dtype)
     if torch.is_grad_enabled() and hidden.requires_grad and not model.head.weight.requires_grad:
         return head_loss(hidden, model.head, batch.targets, weight), None  # training a state: fused, lean
+    B, T, _ = hidden.shape
+    chunk = max(16, HEAD_BUDGET // (B * model.spec.vocab_size * 4))
     if chunk >= T:
         return _head_loss(hidden, model.head, batch.targets, weight)
     loss, correct = hidden.new_zeros(()), hidden.new_zeros(())

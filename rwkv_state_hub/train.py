@@ -193,6 +193,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             raise StateHubError(f"--export {fmt}: choose from {', '.join(EXPORT_NAMES)}")
     if cfg.kernel not in KERNELS:
         raise StateHubError(f"--kernel {cfg.kernel}: choose from {', '.join(KERNELS)}")
+    _check_memory_budget(cfg)
     use_cuda_kernels = cfg.kernel == "cuda" and device.type == "cuda"
     if use_cuda_kernels:
         cuda_wkv.load()  # build (or find) the kernels now; where they cannot run, one line says why
@@ -343,12 +344,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
 def _recompute_for_budget(model, cfg: TrainConfig) -> int:
     """How many blocks recompute their activations so that a step stays within --memory-budget (or, with
     none given, within the memory the machine has free): 0 when everything fits."""
-    if cfg.memory_budget is not None and not cfg.memory_budget > 0:
-        raise StateHubError(f"--memory-budget {cfg.memory_budget}: must be a positive number of GiB")
+    _check_memory_budget(cfg)
     budget = cfg.memory_budget * 2**30 if cfg.memory_budget is not None else memory.default_budget()
     if budget is None:
         return 0
     return memory.plan_recompute(model, cfg.micro_bsz, cfg.ctx_len, budget)
+
+
+def _check_memory_budget(cfg: TrainConfig) -> None:
+    """Checked before anything is loaded, and also where the budget goes unused (--grad-checkpoint, a GPU)."""
+    if cfg.memory_budget is not None and not cfg.memory_budget > 0:
+        raise StateHubError(f"--memory-budget {cfg.memory_budget}: must be a positive number of GiB")
 
 
 def _is_main_thread() -> bool:

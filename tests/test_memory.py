@@ -180,22 +180,37 @@ def test_bench_one_config_on_a_small_model(tmp_path):
 
 
 def test_train_rejects_a_non_positive_memory_budget(tmp_path):
-    from rwkv_state_hub.train import TrainConfig, _recompute_for_budget
+    from rwkv_state_hub.train import TrainConfig, _recompute_for_budget, train
 
     model = load_model(REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth")
     cfg = TrainConfig(model="m", data=["d"], memory_budget=0)
     with pytest.raises(StateHubError, match="--memory-budget 0"):
         _recompute_for_budget(model, cfg)
+    # refused before anything is loaded ("m" does not exist), even where the budget would go unused
+    with pytest.raises(StateHubError, match="--memory-budget -1"):
+        train(TrainConfig(model="m", data=["d"], out=str(tmp_path), memory_budget=-1, grad_checkpoint=True),
+              progress=False)
     assert _recompute_for_budget(model, TrainConfig(model="m", data=["d"], memory_budget=1e-3)) == model.spec.n_layer
     assert _recompute_for_budget(model, TrainConfig(model="m", data=["d"], memory_budget=1e6)) == 0
 
 
-def test_training_under_a_tight_memory_budget_learns_the_same_state(tmp_path):
+def test_training_under_a_tight_memory_budget_learns_the_same_state(tmp_path, monkeypatch):
     from test_train import cfg
 
     from rwkv_state_hub.train import train
 
+    recomputed = []  # one entry per block run under checkpointing
+
+    def counting_checkpoint(*args, **kwargs):
+        recomputed.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    real_checkpoint = common.checkpoint
+    monkeypatch.setattr(common, "checkpoint", counting_checkpoint)
     plain = train(cfg(tmp_path, out=str(tmp_path / "a"), steps=2), progress=False).state
+    assert recomputed == []  # no budget given and a tiny model: it fits, nothing is recomputed
     lean = train(cfg(tmp_path, out=str(tmp_path / "b"), steps=2, memory_budget=1e-3), progress=False).state
+    n_layer = read_checkpoint(cfg(tmp_path).model)[0].n_layer
+    assert len(recomputed) == 2 * n_layer  # 2 steps of one micro-batch: every block recomputed each time
     assert torch.allclose(plain.wkv, lean.wkv, atol=1e-6)
     assert lean.metadata["training"]["hyperparameters"]["memory_budget"] == 1e-3

@@ -308,5 +308,6 @@ def test_chunked_head_and_loss_equal_the_whole_sequence_at_once(monkeypatch):
         results.append((loss.detach(), correct, wkv.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-4)
     assert float(results[0][1]) == float(results[1][1])
-    # fp32 rounding of two equal formulas (logsumexp vs log_softmax): within 1e-5 of the largest gradient
-    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-5 * float(results[1][2].abs().max()))
+    # fp32 rounding of two equal formulas (logsumexp vs log_softmax): within 2e-6 of the largest gradient
+    # (measured: 5e-7)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=2e-6 * float(results[1][2].abs().max()))

@@ -21,7 +21,7 @@ PROBE_TOKENS = 32
 # What a step's peak adds beyond what the blocks save, in units of one block's saved activations, measured
 # on L12 D768 at ctx 512 (fp32 and bf16 weights): each block that keeps its activations costs 1.75x what it
 # saves (the backward pass's gradients and glibc's fragmented heap), and a step costs about 7 blocks' worth
-# however many are recomputed (the recomputed block, gradient buffers, the heap's slack).
+# however many are recomputed (the recomputed block, gradient buffers, the heap's slack); both rounded up.
 KEPT_FACTOR = 1.8
 BASE_BLOCKS = 7.5
 
@@ -69,7 +69,9 @@ def available_bytes() -> int | None:
 
 def saved_bytes_per_token(model: RWKV) -> int:
     """Bytes that one block keeps for the backward pass per token, measured on a PROBE_TOKENS forward
-    pass of the whole model (weights and anything shared are not counted; each storage counted once)."""
+    pass of the whole model (weights and anything shared are not counted; each storage counted once).
+    The pass runs the head too: every page of a memory-mapped weight is then resident, so the RSS that
+    `plan_recompute` reads next counts all the weights (the head alone is 100 MB in bf16 at 0.1B)."""
     frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -89,10 +91,10 @@ def saved_bytes_per_token(model: RWKV) -> int:
     try:
         with torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                hidden, final = model.hidden(tokens, state)
+                logits, final = model(tokens, state)
             # run the backward pass too: it releases what was saved (a graph saved through hooks and
             # dropped unused would keep it, a cycle through the autograd nodes)
-            (hidden.sum() + final.wkv.sum()).backward()
+            (logits.sum() + final.wkv.sum()).backward()
     finally:
         model.recompute_layers = before
     return sum(seen.values()) // (PROBE_TOKENS * model.spec.n_layer)
