@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +21,10 @@ from .files import sha256_file
 ARCHITECTURES = ("v5.2", "v6", "v7")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_BLOCK_KEY = re.compile(r"^blocks\.([0-9]{1,9})\.")  # int() refuses longer numbers; no model has 10^9 layers
+MAX_ZIP_ENTRIES = 1 << 16  # one per tensor (plus 6): a 70B checkpoint has a few thousand
+MAX_ZIP_NAME = 1024
+_CHUNK = 1 << 22  # values per isfinite() slice: a 4 MB temporary, whatever the tensor's size
 
 
 @dataclass(frozen=True)
@@ -80,17 +84,14 @@ class ModelSpec:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True (and mmap when the file allows it): no code runs from the file."""
+    """torch.load with weights_only=True over a memory map: no code runs from the file, and nothing it claims
+    (entry sizes, tensor sizes) costs more than the bytes really there."""
     path = Path(path)
     if not path.is_file():
         raise StateHubError(f"{path}: no such file")
+    size = check_torch_zip(path)
     try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = _torch_load(path)
     except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault
         raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(e)})") from None
     if not isinstance(sd, dict):
@@ -99,11 +100,71 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise StateHubError(f"{path}: the file holds an empty dict, no tensors")
     bad_key = next((k for k in sd if not isinstance(k, str)), None)
     if bad_key is not None:
-        raise StateHubError(f"{path}: expected tensor names, found the key {bad_key!r}")
+        raise StateHubError(f"{path}: expected tensor names, found the key {bad_key!r:.80}")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise StateHubError(f"{path}: expected a dict of tensors, but {bad[0]!r} is a {type(sd[bad[0]]).__name__}")
+        raise StateHubError(f"{path}: expected a dict of tensors, but {bad[0]!r:.80} is a {type(sd[bad[0]]).__name__}")
+    claimed = sum(t.numel() * t.element_size() for t in sd.values())
+    if claimed > size:  # views with stride 0, or many over one storage: copying them would cost that much
+        raise StateHubError(f"{path}: its tensors claim {claimed:,} bytes, more than the file's {size:,} "
+                            "(overlapping views): damaged or crafted")
     return sd
+
+
+def _torch_load(path: Path) -> object:
+    """torch.load over a memory map. torch's memory map takes the name as UTF-8, and torch.load hands any
+    name ending in .safetensors to the safetensors reader whatever the content: such files are read through
+    a Python file object instead (into memory: the cost is the file's size)."""
+    try:
+        str(path).encode("utf-8")
+        mappable = not path.name.endswith(".safetensors")
+    except UnicodeEncodeError:
+        mappable = False
+    if mappable:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def check_torch_zip(path: Path) -> int:
+    """Refuse, from the zip's central directory alone, what would make torch.load cost more than the file's size:
+    compressed entries (torch.save stores them), sizes beyond the file, absurd counts or names; and the legacy
+    pre-zip format, whose storage sizes are numbers inside the pickle. Returns the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"
+        if not legacy:
+            with zipfile.ZipFile(path) as z:
+                entries = z.infolist()
+    except OSError as e:
+        raise StateHubError(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - BadZipFile and friends: the file's fault
+        reason = " ".join(str(e).split())[:160]
+        raise StateHubError(f"{path}: not a readable PyTorch checkpoint (not a torch.save zip: {reason})") from None
+    if legacy:
+        raise StateHubError(f"{path}: not a readable PyTorch checkpoint (refused: the legacy pre-zip torch.save "
+                            "format, whose sizes cannot be checked before loading; re-save it with a current "
+                            "torch.save)")
+    problem = _zip_problem(entries, size)
+    if problem:
+        raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({problem})")
+    return size
+
+
+def _zip_problem(entries: list[zipfile.ZipInfo], size: int) -> str | None:
+    """What is wrong with a zip's directory for a torch.save file of `size` bytes, or None."""
+    if len(entries) > MAX_ZIP_ENTRIES:
+        return f"{len(entries)} entries, over {MAX_ZIP_ENTRIES}"
+    for e in entries:
+        if len(e.filename) > MAX_ZIP_NAME:
+            return f"an entry name of {len(e.filename)} characters"
+        if e.compress_type != zipfile.ZIP_STORED:
+            return f"entry {e.filename!r} is compressed (torch.save stores entries as they are)"
+    claimed = sum(e.file_size for e in entries)
+    if claimed > size:
+        return f"its entries claim {claimed:,} bytes, more than the file's {size:,}"
+    return None
 
 
 def _load_failure(e: Exception) -> str:
@@ -123,7 +184,7 @@ def detect_arch(sd: dict[str, torch.Tensor], where: str = "checkpoint") -> str:
     """v5.2 / v6 / v7 from the keys and shapes, as the rwkv pip package and RWKV Runner decide it."""
     keys = sd.keys()
     if "emb.weight" not in keys or not any(_BLOCK_KEY.match(k) for k in keys):
-        found = ", ".join(sorted(keys)[:3])
+        found = ", ".join(repr(k)[1:-1][:60] for k in sorted(keys)[:3])  # escaped: one line whatever the key
         raise StateHubError(f"{where}: not an RWKV model checkpoint (no emb.weight / blocks.*; found {found})")
     if "blocks.0.att.r_k" in keys or "blocks.0.att.x_r" in keys:
         if any(".ffn.s_emb" in k for k in keys):
@@ -187,12 +248,26 @@ def _shape_ok(actual: torch.Size, expected: tuple) -> bool:
     return len(actual) == len(expected) and all(e is None or a == e for a, e in zip(actual, expected, strict=True))
 
 
+def _count_layers(sd: dict[str, torch.Tensor], where: str) -> int:
+    """The number of blocks the file holds, which must be numbered 0..n-1: the count, never the largest number,
+    sets the work (a lone blocks.3000000.junk would otherwise ask for 3M layers' worth of checks)."""
+    found = {int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))}
+    n_layer = len(found)
+    if max(found) >= n_layer:
+        missing = min(set(range(n_layer)) - found)
+        raise StateHubError(f"{where}: block {missing} is missing ({n_layer} blocks, the last numbered {max(found)})")
+    return n_layer
+
+
 def spec_from_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike | None = None) -> ModelSpec:
     """Detect the architecture, derive the dimensions and check every tensor the model will use."""
     where = str(path) if path else "checkpoint"
     arch = detect_arch(sd, where)
+    for key in ("emb.weight", "blocks.0.ffn.key.weight"):
+        if key in sd and sd[key].dim() != 2:
+            raise StateHubError(f"{where}: {key} has shape {list(sd[key].shape)}, expected a matrix")
     vocab, C = sd["emb.weight"].shape
-    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k)))
+    n_layer = _count_layers(sd, where)
     head_key = "blocks.0.att.r_k" if arch == "v7" else "blocks.0.att.time_faaaa"
     if head_key not in sd or sd[head_key].dim() != 2:
         raise StateHubError(f"{where}: {arch} checkpoint without a 2-D {head_key}, cannot tell the head size")
@@ -220,6 +295,27 @@ def spec_from_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike | 
     return ModelSpec(arch=arch, n_layer=n_layer, n_embd=C, n_head=H, head_size=N, n_ffn=F, vocab_size=vocab,
                      dtype=dtype, path=str(Path(path).resolve()) if path else None, file_size=size,
                      has_time_state=has_time_state, n_params=n_params)
+
+
+def nonfinite_tensors(sd: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors holding NaN or inf. Streamed: each tensor is checked a slice at a time over the
+    memory map, so the temporaries are _CHUNK values, never a second copy of the model."""
+    bad = []
+    for name, t in sd.items():
+        if not t.is_floating_point():
+            continue
+        flat = t.reshape(-1)  # a view: torch.save writes contiguous tensors (a strided one is copied once)
+        if not all(torch.isfinite(flat[i : i + _CHUNK]).all() for i in range(0, flat.numel(), _CHUNK)):
+            bad.append(name)
+    return bad
+
+
+def raise_if_nonfinite_weights(sd: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """A model with NaN or inf in its weights cannot work with any state: say which tensors, once."""
+    bad = nonfinite_tensors(sd)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise StateHubError(f"{where}: the weights hold NaN or inf ({bad[0]}{more}); the model cannot work")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, torch.Tensor]]:

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
 import click
 
 from . import __version__
-from .checkpoint import read_spec
+from .checkpoint import raise_if_nonfinite_weights, read_checkpoint, read_spec
 from .errors import StateHubError
 from .formats import FORMATS, PTH_DTYPES, export_state, load_state, save_native
 from .info import describe
 
 
 class _Group(click.Group):
-    """Turns a StateHubError into its one line and exit status 1, never a traceback."""
+    """Turns a StateHubError, or the operating system refusing a read or write, into one line and exit
+    status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except StateHubError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
 
 
 class _ModelPath(click.ParamType):
@@ -42,10 +47,28 @@ class _ModelPath(click.ParamType):
 MODEL_PATH = _ModelPath()
 
 
+class _Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (click's lets nan through every bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+COUNT = click.IntRange(1, 2**31 - 1)  # a count or a length: at least one, and within what torch indexes
+SEED = click.IntRange(0, 2**32 - 1)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rwkv-state")
 def cli() -> None:
     """Train, check, convert and share RWKV state-tuning states (v5.2, v6, v7)."""
+    # file names that are not valid UTF-8 print with backslash escapes instead of stopping the command
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _print_info(d: dict, indent: str = "") -> None:
@@ -54,7 +77,7 @@ def _print_info(d: dict, indent: str = "") -> None:
             click.echo(f"{indent}{key}:")
             _print_info(value, indent + "  ")
         elif isinstance(value, list):
-            click.echo(f"{indent}{key}:")
+            click.echo(f"{indent}{key}:" + ("" if value else " none"))
             for item in value:
                 click.echo(f"{indent}  - {item}")
         else:
@@ -79,7 +102,8 @@ def info(file: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Report problems but exit 0.")
 def check(state: str, model: str, force: bool) -> None:
     """Does STATE fit the base model: layers, heads, head size, dtype, finite values, base-model sha256."""
-    spec = read_spec(model)
+    spec, weights = read_checkpoint(model)
+    raise_if_nonfinite_weights(weights, model)
     s = load_state(state)
     problems = s.check(spec, force=force)
     for p in problems:
@@ -112,16 +136,30 @@ def export(state: str, fmt: str, output: str, dtype: str, model: str | None, for
     click.echo(f"wrote {output} ({fmt})")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; anything near this is not one
+
+
 def _load_config(path: str) -> dict:
+    """A --config file's settings, keys as TrainConfig spells them; any file that is not a small TOML file is
+    refused in one line (its values are checked by TrainConfig.validate)."""
     import tomllib
 
     try:
         with open(path, "rb") as f:
-            return {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise StateHubError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config file")
+    try:
+        return {k.replace("-", "_"): v for k, v in tomllib.loads(raw.decode("utf-8")).items()}
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise StateHubError(f"{path}:{line}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
-        raise StateHubError(f"{path}: not valid TOML ({e})") from None
+        raise StateHubError(f"{path}: not valid TOML ({str(e).splitlines()[0][:160]})") from None
+    except RecursionError:
+        raise StateHubError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def _split_list(values: tuple[str, ...]) -> list[str]:
@@ -180,7 +218,7 @@ def train(config_file, resume, dry_run, exports, data, val_data, **options) -> N
         if not settings.get(required):
             raise StateHubError(f"--{required} is required (on the command line or in --config)")
     settings["model"] = MODEL_PATH.convert(settings["model"], None, None)  # hf:// from a --config file too
-    cfg = TrainConfig.from_dict(settings, config_file or "options")
+    cfg = TrainConfig.from_dict(settings, config_file, file_keys=set(settings) - set(given))
     if dry_run:
         click.echo(describe_run(cfg))
         return
@@ -194,9 +232,9 @@ def train(config_file, resume, dry_run, exports, data, val_data, **options) -> N
 @click.option("--state", "states", multiple=True, type=click.Path(dir_okay=False), help="Tuned state(s). Repeatable.")
 @click.option("--data", "data", required=True, multiple=True, help="Held-out data (same formats as train).")
 @click.option("--few-shot-data", help="Draw a few-shot prompt from this (training) data for the comparison row.")
-@click.option("--shots", type=int, default=3, show_default=True, help="Samples in the few-shot prompt.")
+@click.option("--shots", type=COUNT, default=3, show_default=True, help="Samples in the few-shot prompt.")
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
-@click.option("--ctx-len", type=int, default=512, show_default=True)
+@click.option("--ctx-len", type=COUNT, default=512, show_default=True)
 @click.option("--force", is_flag=True, help="Evaluate a state made for another base model anyway.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, as_json) -> None:
@@ -216,11 +254,11 @@ def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, 
 @click.option("--model", required=True, type=MODEL_PATH, help="Base model .pth (or hf://owner/repo/file.pth).")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), help="A state: shown beside the base model.")
 @click.option("--prompt", default="", help="Text to continue.")
-@click.option("--max-tokens", type=int, default=80, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=0.85, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--samples", type=int, default=1, show_default=True, help="Continuations of each.")
+@click.option("--max-tokens", type=COUNT, default=80, show_default=True)
+@click.option("--temperature", type=_Finite(min=0), default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=_Finite(0, 1), default=0.85, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--samples", type=COUNT, default=1, show_default=True, help="Continuations of each.")
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
 @click.option("--force", is_flag=True, help="Use a state made for another base model anyway.")
 def generate(model, state_path, prompt, max_tokens, temperature, top_p, seed, samples, tokenizer, force) -> None:
@@ -238,6 +276,7 @@ def generate(model, state_path, prompt, max_tokens, temperature, top_p, seed, sa
             click.echo(f"warning: {p}", err=True)
     if not prompt:
         raise StateHubError("--prompt is empty: a model reads one token before it predicts one")
+    tok.encode(prompt)  # text that is not valid Unicode fails here, before any output
     columns = [("base model", None)] + ([(f"state {state_path}", state)] if state else [])
     for name, st in columns:
         click.echo(f"--- {name}")
@@ -285,7 +324,9 @@ def mix(states, weights, output) -> None:
     try:
         w = [float(x) for x in weights.split(",")]
     except ValueError:
-        raise StateHubError(f"--weights {weights}: expected numbers separated by commas") from None
+        w = []
+    if not w or not all(math.isfinite(x) for x in w):
+        raise StateHubError(f"--weights {weights[:80]}: expected finite numbers separated by commas")
     mixed = run([load_state(s) for s in states], w)
     save_native(mixed, output)
     click.echo(f"wrote {output}: " + " + ".join(f"{x:g} x {s}" for x, s in zip(w, states, strict=True)))
@@ -361,7 +402,7 @@ def pull(repo_id, model, fmt, output, revision, force, token, endpoint) -> None:
 @cli.command()
 @click.option("--model", help="A base model (.pth or hf://owner/repo/file.pth; a Hub model is not downloaded).")
 @click.option("--sha256", help="The sha256 of the base model file.")
-@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--limit", type=COUNT, default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @_hub_options
 def search(model, sha256, limit, as_json, token, endpoint) -> None:
@@ -386,8 +427,8 @@ def search(model, sha256, limit, as_json, token, endpoint) -> None:
 
 @cli.command()
 @click.option("--arch", default="v7,v6", show_default=True, help="Comma-separated: v5.2, v6, v7.")
-@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per step (micro-batch 1).")
-@click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per configuration.")
+@click.option("--ctx", type=COUNT, default=512, show_default=True, help="Tokens per step (micro-batch 1).")
+@click.option("--steps", type=COUNT, default=3, show_default=True, help="Timed steps per configuration.")
 @click.option("--configs", default="naive,fp32,bf16,lean-fp32,lean-bf16", show_default=True,
               help="Comma-separated configurations to run.")
 def bench(arch, ctx, steps, configs) -> None:
@@ -408,9 +449,9 @@ def bench(arch, ctx, steps, configs) -> None:
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
 @click.option("--strategy", default="cpu fp32", show_default=True, help="rwkv pip strategy: one device, one dtype.")
 @click.option("--host", help="Address to listen on.  [default: 127.0.0.1, or $GRADIO_SERVER_NAME]")
-@click.option("--port", type=int, help="Port.  [default: 7860, or $GRADIO_SERVER_PORT]")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port.  [default: 7860, or $GRADIO_SERVER_PORT]")
 @click.option("--share", is_flag=True, help="Also serve through a public gradio.live link.")
-@click.option("--concurrency", type=int, default=2, show_default=True, help="Requests run at once.")
+@click.option("--concurrency", type=COUNT, default=2, show_default=True, help="Requests run at once.")
 def demo(model, states, tokenizer, strategy, host, port, share, concurrency) -> None:
     """The web page: the base model and a state side by side (chat, completion, inspect, bake, upload)."""
     from .demo import create_demo, launch_demo

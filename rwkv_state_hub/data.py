@@ -11,8 +11,9 @@ Formats, chosen by extension (a directory means every supported file in it, sort
     .txt             one document, cut into windows of ctx_len + 1 tokens, every token trained
     .bin + .idx      RWKV-LM / Megatron binidx: each document cut into windows like .txt, read lazily
 
-jsonl and txt are parsed when loaded, so bad data fails before any training starts; binidx files can be far
-larger than memory, so only their index is read up front and tokens come from the memory map when asked for.
+All data is checked when loaded, so bad data fails before any training starts: jsonl and txt are parsed whole;
+binidx files can be far larger than memory, so their index is read and every token id range-checked through the
+memory map a chunk at a time, and the tokens of a window come from the memory map when asked for.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from .errors import StateHubError
 from .files import atomic_write
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, lone_surrogate
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt",)
@@ -48,6 +49,9 @@ _BINIDX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, number 
 _BINIDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 _BINIDX_FLOATS = {6: "float64", 7: "float32"}
 _CHUNK = 8 << 20
+_ID_CHECK_CHUNK = 64 << 20  # bytes of a .bin mapped at once while its token ids are range-checked
+_ID_SEARCH_BLOCK = 1 << 20  # tokens searched at once for the first bad id in a chunk that has one
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may leave a lone surrogate
 
 
 @dataclass
@@ -213,7 +217,7 @@ def _record(obj: object, tokenizer: Tokenizer, where: str) -> tuple[list[int], l
         return tokens, [1] * len(tokens)
     if any(key in obj for key in ("prompt", "response", "instruction", "output")):
         return encode_segments(_answer_segments(obj, where), tokenizer)
-    keys = ", ".join(f'"{k}"' for k in list(obj)[:5]) or "no keys"
+    keys = ", ".join(json.dumps(k)[:40] for k in list(obj)[:5]) or "no keys"  # escaped: one line whatever they hold
     raise StateHubError(f"{where}: unrecognised sample ({keys}); accepted: {ACCEPTED}")
 
 
@@ -269,6 +273,10 @@ def _read_jsonl(path: Path, name: str, tokenizer: Tokenizer, ctx_len: int, vocab
             raise StateHubError(f"{where}: bad JSON: {e.msg} at column {e.colno}{hint}") from None
         except RecursionError:
             raise StateHubError(f"{where}: bad JSON: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise StateHubError(f"{where}: bad JSON: {str(e).split(';')[0].splitlines()[0][:120]}") from None
+        if _SURROGATE_ESCAPE.search(raw):
+            _refuse_lone_surrogates(obj, where)
         tokens, mask = _record(obj, tokenizer, where)
         _check_ids(tokens, vocab_size, where)
         cut = len(tokens) > ctx_len + 1
@@ -285,13 +293,29 @@ def _read_jsonl(path: Path, name: str, tokenizer: Tokenizer, ctx_len: int, vocab
     return samples, truncated
 
 
+def _refuse_lone_surrogates(obj: object, where: str) -> None:
+    """A "\\ud800" escape without its pair parses to a string no tokenizer can encode: refuse it by line."""
+    pending = [obj]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            why = lone_surrogate(item)
+            if why is not None:
+                raise StateHubError(f"{where}: {why}; JSON escapes \\ud800-\\udfff must come in pairs")
+        elif isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
+
+
 def _read_text(path: Path, name: str, tokenizer: Tokenizer, ctx_len: int, vocab_size: int) -> list[Sample]:
     data = _read_bytes(path, name)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise StateHubError(f"{name}: not UTF-8 text (line {line}, byte {e.start + 1} of the file)") from None
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        raise StateHubError(f"{name}:{line}: not UTF-8 text (byte {e.start - line_start + 1} of the line)") from None
     if not text.strip():
         raise StateHubError(f"{name}: empty file (only whitespace)")
     tokens = tokenizer.encode(text) + ([tokenizer.eod] if tokenizer.eod is not None else [])
@@ -320,6 +344,7 @@ class _BinIdx:
         self.idx, self.bin, self.ctx_len, self.vocab_size = idx, bin_, ctx_len, vocab_size
         self.name = str(bin_)
         self.dtype, self.sizes, self.pointers = _read_index(idx, bin_)
+        _check_bin_ids(bin_, self.dtype, self.sizes, self.pointers, vocab_size)
         sizes = self.sizes
         L = sizes.astype(np.int64)
         per_doc = np.where(L >= 2, (L - 1 + ctx_len - 1) // ctx_len, 0)  # windows of each document
@@ -353,6 +378,52 @@ class _BinIdx:
         return {**self.__dict__, "_data": None}
 
 
+def _check_bin_ids(bin_: Path, dtype: np.dtype, sizes: np.ndarray, pointers: np.ndarray, vocab: int) -> None:
+    """Range-check every token id of every document before the first step, so that a bad id deep in a large file
+    costs one line now, not a stop mid-run. The bytes the documents use are mapped 64 MiB at a time and unmapped
+    after, so memory stays bounded whatever the file's size."""
+    info = np.iinfo(dtype)
+    if not len(sizes) or (info.min >= 0 and info.max < vocab):
+        return  # this dtype cannot hold an id outside the vocabulary (uint16 for a 65536-token one)
+    size = dtype.itemsize
+    start, stop = int(pointers.min()), int((pointers + sizes.astype(np.int64) * size).max())
+    for offset in range(start, stop, _ID_CHECK_CHUNK):
+        chunk = np.memmap(bin_, dtype=dtype, mode="r", offset=offset,
+                          shape=(min(_ID_CHECK_CHUNK, stop - offset) // size,))
+        try:
+            if chunk.min() >= 0 and chunk.max() < vocab:
+                continue
+            found = _first_bad_id(chunk, offset, sizes, pointers, vocab)
+        finally:
+            del chunk  # unmap: the pages read leave the process's memory
+        if found is not None:
+            doc, position, bad = found
+            raise StateHubError(f"{bin_}: document {doc}, token {position}: token id {bad} is outside the "
+                                f"vocabulary (vocab size {vocab})")
+
+
+def _first_bad_id(chunk: np.ndarray, offset: int, sizes: np.ndarray, pointers: np.ndarray,
+                  vocab: int) -> tuple[int, int, int] | None:
+    """(document, position in it, id) of the chunk's first out-of-range id that a document uses; bytes that no
+    document covers are never read as tokens and may hold anything."""
+    size = chunk.dtype.itemsize
+    order = np.argsort(pointers, kind="stable")
+    firsts, lasts = pointers[order], (pointers + sizes.astype(np.int64) * size)[order]
+    reach = np.maximum.accumulate(lasts)  # the furthest byte any document starting at or before here covers
+    widest = np.maximum.accumulate(np.where(lasts == reach, np.arange(len(order)), 0))  # which one reaches it
+    for block in range(0, len(chunk), _ID_SEARCH_BLOCK):
+        part = chunk[block : block + _ID_SEARCH_BLOCK]
+        at = np.flatnonzero((part < 0) | (part >= vocab))
+        where = offset + (block + at) * size  # byte offsets of the bad ids
+        k = np.searchsorted(firsts, where, side="right") - 1
+        used = (k >= 0) & (reach[np.maximum(k, 0)] > where)
+        if used.any():
+            i = int(np.argmax(used))
+            doc = int(order[widest[k[i]]])
+            return doc, int(where[i] - pointers[doc]) // size, int(part[at[i]])
+    return None
+
+
 def _read_index(idx: Path, bin_: Path) -> tuple[np.dtype, np.ndarray, np.ndarray]:
     """The Megatron MMapIndexedDataset index: header, sizes int32[n], pointers int64[n] (bytes), doc_idx."""
     try:
@@ -382,6 +453,11 @@ def _read_index(idx: Path, bin_: Path) -> tuple[np.dtype, np.ndarray, np.ndarray
         d = int(bad[0])
         raise StateHubError(f"{bin_}: does not match its index: document {d} would span bytes "
                             f"{int(pointers[d])}..{int(ends[d])} of a {bin_size}-byte file")
+    odd = np.flatnonzero(pointers % dtype.itemsize)
+    if len(odd):
+        d = int(odd[0])
+        raise StateHubError(f"{idx}: document {d} starts at byte {int(pointers[d])}, not on a "
+                            f"{dtype.itemsize}-byte token boundary")
     return dtype, sizes, pointers
 
 

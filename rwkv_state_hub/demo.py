@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -23,6 +25,7 @@ import torch
 from .chat import Conversation, PipRunner, Sampling, side_by_side
 from .checkpoint import read_spec
 from .errors import StateHubError
+from .files import os_reason
 from .formats import export_state, load_state
 from .pip_bridge import load_pip_model
 from .state import State
@@ -31,6 +34,7 @@ from .toolbox import bake, diff, diff_table, save_heatmap
 
 MAX_UPLOAD_BYTES = 64 << 20
 MAX_SCAN_BYTES = 512 << 20  # larger files in a --states folder are models, not states: not even opened
+MAX_SHOWN_CHARS = 500  # one line of a stranger's text (a file name, a metadata value) on the page
 MAX_MERGED_BYTES = 512 << 20  # a merged export copies the whole model: written for small models only
 MAX_PROMPT_CHARS = 32_000
 SESSION_TTL_S = 3600
@@ -42,6 +46,9 @@ EXAMPLE_MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
 EXAMPLE_STATES = REPO / "examples" / "states"
 DEFAULT_SAMPLING = Sampling(temperature=1.0, top_p=0.3, max_tokens=80, presence_penalty=0.3, frequency_penalty=0.3)
 NO_STATE = "(none)"
+# every Markdown component that shows text from files, the Hub or a visitor: Gradio's HTML sanitizer on (its
+# default, said here so that it stays on), and no LaTeX, which a stranger's "$$...$$" would otherwise typeset
+STRANGERS_TEXT = {"sanitize_html": True, "latex_delimiters": []}
 
 
 @dataclass
@@ -78,41 +85,57 @@ class DemoEngine:
         self.runner = PipRunner(load_pip_model(self.model_path, strategy), self.tokenizer, self.spec, strategy)
         self._own_model = None
         self._lock = threading.Lock()
-        self._workdir = tempfile.TemporaryDirectory(prefix="rwkv-state-demo-")
+        self._workdir: tempfile.TemporaryDirectory | None = None  # made on first use, once signals are handled
 
     # ------------------------------------------------------------ states offered to everyone
 
     def _add_entry(self, entry: str) -> None:
-        path = Path(entry).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in STATE_SUFFIXES)
-            if not files:
-                self.skipped.append(f"{entry}: no state files ({', '.join(STATE_SUFFIXES)}) in this folder")
-            for f in files:
-                self._add_file(f)
-        elif path.is_file():
-            self._add_file(path)
-        else:
-            self._add_hub(entry)
+        """One --states entry: a folder, a file or a Hub repo. Whatever in it cannot be offered (a file that
+        does not fit, cannot be read or vanished; a repo that is missing, damaged or hostile) goes to
+        `skipped` with its one-line reason, so that one bad third-party state never keeps the page from
+        starting. Only an entry that is neither a path nor a repo id is refused: that is the caller's typo."""
+        try:
+            path = Path(entry).expanduser()
+            if path.is_dir():
+                self._add_folder(path, entry)
+            elif path.is_file():
+                self._add_file(path)
+            else:
+                self._add_hub(entry)
+        except OSError as e:
+            self._skip(f"{entry}: cannot be read ({_why(e)})")
+
+    def _skip(self, reason: str) -> None:
+        self.skipped.append(_one_line(reason))
+
+    def _add_folder(self, path: Path, entry: str) -> None:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in STATE_SUFFIXES and p.is_file())
+        if not files:
+            self._skip(f"{entry}: no state files ({', '.join(STATE_SUFFIXES)}) in this folder")
+        for f in files:
+            self._add_file(f)
 
     def _add_file(self, path: Path, label: str | None = None, origin: str | None = None,
-                  card: str | None = None) -> None:
-        if path.stat().st_size > MAX_SCAN_BYTES:
-            self.skipped.append(f"{path}: {path.stat().st_size >> 20} MB, too big for a state (a model?)")
-            return
+                  card: str | None = None, notes: tuple[str, ...] = ()) -> None:
         try:
+            size = path.stat().st_size
+            if size > MAX_SCAN_BYTES:
+                raise StateHubError(f"{path}: {size >> 20} MB, too big for a state (a model?)")
             state = load_state(path)
+            problems = state.problems(self.spec)
+            if problems:
+                raise StateHubError(problems[0])
         except StateHubError as e:
-            self.skipped.append(str(e))
+            self._skip(str(e))
             return
-        problems = state.problems(self.spec)
-        if problems:
-            self.skipped.append(problems[0])
+        except OSError as e:
+            self._skip(f"{path}: cannot be read ({_why(e)})")
             return
-        label = label or path.name
+        label = _one_line(label or path.name)
         if label in self.states:
-            label = f"{path.parent.name}/{path.name}"
-        self.states[label] = Offered(state.with_model(self.spec), origin or "a local file", card, _notes(state, self))
+            label = _unique(_one_line(f"{path.parent.name}/{path.name}"), list(self.states))
+        self.states[label] = Offered(state.with_model(self.spec), origin or "a local file", card,
+                                     [*_notes(state, self), *notes])
 
     def _add_hub(self, entry: str) -> None:
         from . import hub
@@ -120,15 +143,15 @@ class DemoEngine:
         if not hub.is_repo_id(entry):
             raise StateHubError(f"{entry}: no such file or folder, and not a Hub repo id (owner/name)")
         try:
-            path = Path(hub.pull(entry, model=self.spec))
+            path = Path(hub.pull(entry, model=self.spec, max_bytes=MAX_SCAN_BYTES))
         except StateHubError as e:
-            self.skipped.append(str(e) if entry in str(e) else f"{entry}: {e}")
+            self._skip(str(e) if entry in str(e) else f"{entry}: {e}")
             return
         try:
-            card = hub.model_card(entry)
-        except StateHubError:
-            card = None  # the page then shows what the state's metadata says
-        self._add_file(path, label=f"hub: {entry}", origin=f"the Hub: {entry}", card=card)
+            card, notes = hub.model_card(entry), ()
+        except StateHubError as e:  # the page then shows what the state's metadata says
+            card, notes = None, (f"its model card is not shown: {e}",)
+        self._add_file(path, label=f"hub: {entry}", origin=f"the Hub: {entry}", card=card, notes=notes)
 
     # ------------------------------------------------------------ a session's view
 
@@ -158,14 +181,16 @@ class DemoEngine:
         session: its label and notes. Anything wrong raises StateHubError naming the file, not the temp path."""
         path = Path(path)
         name = path.name
-        size = path.stat().st_size
-        if size > self.max_upload_bytes:
-            raise StateHubError(f"{name}: {size / 2**20:.1f} MB, over the {self.max_upload_bytes / 2**20:g} MB limit "
-                                "for uploads (a state is a few MB)")
         try:
+            size = path.stat().st_size  # checked before a byte is read: the readers' cost is bounded by it
+            if size > self.max_upload_bytes:
+                raise StateHubError(f"{name}: {size / 2**20:.1f} MB, over the {self.max_upload_bytes / 2**20:g} MB "
+                                    "limit for uploads (a state is a few MB)")
             state = load_state(path)
         except StateHubError as e:
             raise StateHubError(str(e).replace(str(path), name)) from None
+        except OSError as e:
+            raise StateHubError(f"{name}: the upload cannot be read ({_why(e)})") from None
         state.source = name
         problems = state.problems(self.spec)
         if problems:
@@ -228,15 +253,22 @@ class DemoEngine:
     def _scratch(self, prefix: str) -> Path:
         """A new folder for one request's files. Older ones are removed first: Gradio answered those requests
         with copies in its own cache, so on a long-running Space they would only fill the disk."""
+        with self._lock:
+            if self._workdir is None:
+                self._workdir = tempfile.TemporaryDirectory(prefix="rwkv-state-demo-")
+            workdir = Path(self._workdir.name)
         cutoff = time.time() - SCRATCH_TTL_S
-        for old in Path(self._workdir.name).iterdir():
+        for old in workdir.iterdir():
             with contextlib.suppress(OSError):  # another request may be removing it at the same time
                 if old.stat().st_mtime < cutoff:
                     shutil.rmtree(old)
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=self._workdir.name))
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
 
     def close(self) -> None:
-        self._workdir.cleanup()
+        with self._lock:
+            if self._workdir is not None:
+                self._workdir.cleanup()
+                self._workdir = None
 
 
 def _resolve_model(model: str) -> Path:
@@ -262,6 +294,29 @@ def _keep(session: dict, label: str, offered: Offered) -> None:
         extra.pop(next(iter(extra)))
 
 
+def _why(e: OSError) -> str:
+    return os_reason(e) or type(e).__name__
+
+
+def _one_line(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """A stranger's text (a file name, a metadata value, an error naming them) as one printable line of at
+    most `limit` characters: no line breaks to start a new Markdown block, no lone surrogates (a non-UTF-8
+    file name) that would make the page's JSON unsendable."""
+    line = " ".join(str(text).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_MARKUP = re.compile(r"([\\`*_~\[\]<>&$|])")
+
+
+def _md(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """Text for a Markdown component, shown as it is typed: every character that Markdown or HTML would read
+    as markup (a tag, an entity, a link or image, emphasis, code, a table cell, LaTeX) is backslash-escaped,
+    so that no HTML and no link from a file or the Hub reaches the page. Gradio also sanitizes what Markdown
+    renders (DOMPurify in the browser), which is what keeps a Hub model card, shown as Markdown, safe."""
+    return _MARKUP.sub(r"\\\1", _one_line(text, limit))
+
+
 def _notes(state: State, engine: DemoEngine) -> list[str]:
     notes = []
     if not state.base_model_sha256:
@@ -273,24 +328,27 @@ def _notes(state: State, engine: DemoEngine) -> list[str]:
 
 
 def describe_state(offered: Offered) -> str:
-    """What a state's metadata says, as Markdown: base model, how it was made, figures."""
+    """What a state's metadata says, as Markdown: base model, how it was made, figures. Every value comes from
+    the file (a stranger's, for an upload or a Hub state), so each is shown as text, whatever its type."""
     s = offered.state
     meta = s.metadata
-    lines = [f"**{Path(s.source).name}** ({offered.origin})", "",
-             f"- RWKV {s.arch}, {s.dims()}, token shift: {'yes' if s.shift is not None else 'no'}"]
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    lines = [f"**{_md(Path(s.source).name)}** ({_md(offered.origin)})", "",
+             f"- RWKV {_md(s.arch)}, {s.dims()}, token shift: {'yes' if s.shift is not None else 'no'}"]
     if meta.get("base_model_name"):
-        lines.append(f"- base model: {meta['base_model_name']} (sha256 `{str(meta.get('base_model_sha256'))[:12]}`)")
-    training = meta.get("training") or {}
+        lines.append(f"- base model: {_md(meta['base_model_name'])} "
+                     f"(sha256 {_md(str(meta.get('base_model_sha256'))[:12])})")
     if training.get("method"):
-        lines.append(f"- made by: {training['method']}")
+        lines.append(f"- made by: {_md(training['method'])}")
     for key, what in (("steps", "steps"), ("tokens_seen", "tokens seen"), ("best_val_loss", "best validation loss"),
                       ("prompt_tokens", "prompt tokens")):
-        if training.get(key) is not None:
-            value = training[key]
-            lines.append(f"- {what}: {value:.4f}" if isinstance(value, float) else f"- {what}: {value}")
-    if training.get("data_files"):
-        lines.append(f"- data: {', '.join(map(str, training['data_files']))}")
-    lines += [f"- note: {n}" for n in offered.notes]
+        value = training.get(key)
+        if value is not None:
+            lines.append(f"- {what}: {value:.4f}" if isinstance(value, float) else f"- {what}: {_md(value)}")
+    files = training.get("data_files")
+    if files:
+        lines.append(f"- data: {_md(', '.join(map(str, files)) if isinstance(files, list) else files)}")
+    lines += [f"- note: {_md(n)}" for n in offered.notes]
     return "\n".join(lines)
 
 
@@ -399,8 +457,10 @@ def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True
         try:
             label, notes = engine.load_upload(path, session)
         except StateHubError as e:
-            return f"**Not loaded.** {e}", gr.skip(), gr.skip(), gr.skip(), session
-        msg = f"**Loaded** `{label}`: fits {spec.name}." + "".join(f"\n\nNote: {n}" for n in notes)
+            return f"**Not loaded.** {_md(e)}", gr.skip(), gr.skip(), gr.skip(), session
+        finally:
+            _discard_upload(path)
+        msg = f"**Loaded** {_md(label)}: fits {_md(spec.name)}." + "".join(f"\n\nNote: {_md(n)}" for n in notes)
         return (msg, *choices(session, label), session)
 
     def bake_prompt(prompt, session):
@@ -409,9 +469,9 @@ def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True
         except StateHubError as e:
             raise fail(e) from None
         offered = session["extra"][label]
-        quoted = "\n".join(f"> {line}" for line in prompt.splitlines()) or ">"
-        msg = (f"**{label}**, baked from:\n\n{quoted}\n\n{describe_state(offered)}\n\n"
-               + "".join(f"- {n}\n" for n in notes))
+        quoted = "\n".join(f"> {_md(line, MAX_PROMPT_CHARS)}" for line in prompt.splitlines()) or ">"
+        msg = (f"**{_md(label)}**, baked from:\n\n{quoted}\n\n{describe_state(offered)}\n\n"
+               + "".join(f"- {_md(n)}\n" for n in notes))
         return (msg, [str(f) for f in files], *choices(session, label), session)
 
     def inspect(a, b, session):
@@ -424,11 +484,11 @@ def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True
         try:
             return engine.card(label, session)
         except StateHubError as e:
-            return str(e)
+            return _md(e)
 
     header = (f"# RWKV state hub: the base model and a state, side by side\n"
-              f"**{spec.name}** · RWKV {spec.arch} · {spec.dims()} · sha256 `{(spec.sha256 or '')[:12]}` · "
-              f"tokenizer {engine.tokenizer.name} · `rwkv` pip package, `{engine.strategy}` · "
+              f"**{_md(spec.name)}** · RWKV {spec.arch} · {spec.dims()} · sha256 `{(spec.sha256 or '')[:12]}` · "
+              f"tokenizer {_md(engine.tokenizer.name)} · `rwkv` pip package, {_md(engine.strategy)} · "
               f"{len(engine.states)} state(s) that fit this model")
     # Gradio's own copies (uploads, images, baked files) are dropped when the session that made them would be
     with gr.Blocks(title="rwkv-state-hub demo", delete_cache=(SESSION_TTL_S, SESSION_TTL_S)) as demo:
@@ -456,7 +516,7 @@ def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True
                     with gr.Tab("Upload a state"):
                         upload_file = gr.File(label=f"A state file (.safetensors, .pth, .st; up to "
                                                     f"{engine.max_upload_bytes / 2**20:g} MB)")
-                        upload_msg = gr.Markdown()
+                        upload_msg = gr.Markdown(**STRANGERS_TEXT)
                     with gr.Tab("Inspect"):
                         with gr.Row():
                             insp_a = gr.Dropdown(labels, value=first, label="State A")
@@ -474,11 +534,12 @@ def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True
                                                                    "leaves is the new state")
                                 bake_go = gr.Button("Bake", variant="primary")
                             with gr.Column():
-                                bake_msg = gr.Markdown()
+                                bake_msg = gr.Markdown(**STRANGERS_TEXT)
                                 bake_files = gr.File(label="The state in every format", file_count="multiple")
             with gr.Column(scale=1):
                 picked = gr.Dropdown(labels, value=first, label="State")
-                card_md = gr.Markdown(engine.card(first, None) if first else "No state offered: upload one.")
+                card_md = gr.Markdown(engine.card(first, None) if first else "No state offered: upload one.",
+                                      **STRANGERS_TEXT)
                 with gr.Accordion("Sampling", open=True):
                     temperature = gr.Slider(0, 2, DEFAULT_SAMPLING.temperature, step=0.05,
                                             label="Temperature (0 = greedy)")
@@ -490,7 +551,7 @@ def build_demo(engine: DemoEngine, *, concurrency: int = 2, preview: bool = True
                     seed = gr.Number(0, precision=0, label="Seed")
                 if engine.skipped:
                     with gr.Accordion(f"Not offered ({len(engine.skipped)})", open=False):
-                        gr.Markdown("\n".join(f"- {s}" for s in engine.skipped))
+                        gr.Markdown("\n".join(f"- {_md(s)}" for s in engine.skipped), **STRANGERS_TEXT)
         knobs = [temperature, top_p, max_tokens, presence, frequency, seed]
 
         model = {"concurrency_id": "model", "concurrency_limit": concurrency}  # one queue for all model work
@@ -524,10 +585,43 @@ def create_demo(model: str | os.PathLike, states: list[str] | tuple[str, ...] = 
 def launch_demo(demo, host: str | None = None, port: int | None = None, share: bool = False,
                 prevent_thread_lock: bool = False):
     """Serve the page; returns Gradio's (app, local url, share url). Gradio itself refuses uploads over
-    4x our limit, so that a huge file never fills the disk before our check sees it."""
-    return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-                       show_error=True, ssr_mode=False, max_file_size=4 * demo.engine.max_upload_bytes,
-                       footer_links=["api"], quiet=prevent_thread_lock)
+    4x our limit, so that a huge file never fills the disk before our check sees it.
+
+    Served in the foreground (`python app.py`, `rwkv-state demo`), SIGTERM (what a Space, docker stop or
+    systemd send) ends it the way Ctrl-C does, and either way the page's work folder is removed on the way
+    out; by default Python dies on SIGTERM without running any clean-up."""
+    foreground = not prevent_thread_lock
+    if foreground and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
+                           show_error=True, ssr_mode=False, max_file_size=4 * demo.engine.max_upload_bytes,
+                           footer_links=["api"], quiet=prevent_thread_lock)
+    except KeyboardInterrupt:  # a signal before Gradio's own wait loop (which handles it) began
+        demo.close()
+        return None
+    finally:
+        if foreground:
+            demo.engine.close()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _discard_upload(path: str | os.PathLike) -> None:
+    """Delete an upload from Gradio's upload folder as soon as it has been read or refused: an accepted state
+    lives on in the session's memory, and a refused file (up to 4x the limit) would otherwise stay on disk
+    until Gradio's hourly sweep. Nothing outside that folder is ever touched."""
+    from gradio.utils import get_upload_folder
+
+    folder, file = Path(os.path.realpath(get_upload_folder())), Path(os.path.realpath(path))
+    if folder not in file.parents:
+        return
+    with contextlib.suppress(OSError):  # already gone (the same bytes uploaded twice at once): nothing to do
+        file.unlink()
+        if file.parent != folder:
+            file.parent.rmdir()  # Gradio's folder for this one upload, when it is now empty
 
 
 def settings_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -6,7 +6,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,15 +21,96 @@ _CHUNK = 8 << 20
 _PROGRESS_FROM = 512 << 20  # show a progress bar when hashing files larger than this
 
 
+_TEMP_SUFFIX = ".tmp"
+# .NAME.HOST-PID.XXXXXXXX.tmp: the writer's host and process id, so the next write into the folder can tell
+# a temp file whose writer died (SIGKILL, power loss) from one that is still being written
+_OURS = re.compile(r"^\.(?P<name>.*)\.(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
+_OLD_STYLE = re.compile(r"^\..*\.[a-z0-9_]{8}\.tmp$")  # before the writer was named: removed once old
+_STALE_AFTER_S = 24 * 3600  # any temp file of ours this old is abandoned (another host, a reused pid)
+_OLD_STYLE_AFTER_S = 3600
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, under another user
+    return True
+
+
+def _is_stale(entry: os.DirEntry, now: float) -> bool:
+    ours = _OURS.match(entry.name)
+    if ours is None and not _OLD_STYLE.match(entry.name):
+        return False
+    try:
+        age = now - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    if ours is None:
+        return age > _OLD_STYLE_AFTER_S
+    if ours["host"] == _host() and int(ours["pid"]) != os.getpid() and not _alive(int(ours["pid"])):
+        return True
+    return age > _STALE_AFTER_S
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files that interrupted atomic writes left in `folder` (a kill mid-write of a
+    multi-GB export would otherwise stay there for ever). Files of live writers are left alone."""
+    now = time.time()
+    try:
+        with os.scandir(folder) as entries:
+            stale = [e.path for e in entries if e.name.endswith(_TEMP_SUFFIX) and e.name.startswith(".")
+                     and _is_stale(e, now)]
+    except OSError:
+        return
+    for path in stale:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def os_reason(e: BaseException) -> str | None:
+    """The operating system's reason behind a failed read or write ("No space left on device"), also when a
+    library wrapped it (torch.save raises RuntimeError with the OSError as its context; safetensors says
+    "os error 28"); None when the failure was not the operating system's."""
+    seen = 0
+    cause: BaseException | None = e
+    while cause is not None and seen < 8:
+        if isinstance(cause, OSError) and (cause.strerror or cause.errno):
+            return cause.strerror or os.strerror(cause.errno)
+        found = re.search(r"os error (\d+)", str(cause))
+        if found:
+            return os.strerror(int(found.group(1)))
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
 
-    A reader never sees a half-written file, and an interrupted write leaves the old file intact.
+    A reader never sees a half-written file, and an interrupted write leaves the old file intact. A failure
+    of the operating system (a full disk, no permission, a read-only folder) becomes one line naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # some folder on the way is a file
+        raise StateHubError(f"{path}: cannot write (a part of {path.parent} is not a folder)") from None
+    except OSError as e:
+        raise StateHubError(f"{path}: cannot write ({os_reason(e)})") from None
+    try:
+        remove_stale_temps(path.parent)
+        # the target's name is cut short in the temp name, so a 255-byte name still gets a valid temp file
+        prefix = f".{path.name[:80]}.{_host()}-{os.getpid()}."
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=_TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise StateHubError(f"{path}: cannot write ({os_reason(e)})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -35,9 +119,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp_path, _mode_for(path))
         os.replace(tmp_path, path)
+    except Exception as e:
+        reason = None if isinstance(e, StateHubError) else os_reason(e)
+        if reason is None:
+            raise
+        raise StateHubError(f"{path}: cannot write ({reason})") from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
 
 
 def _mode_for(path: Path) -> int:
@@ -57,6 +146,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return Path(path)
 
 
+def atomic_torch_save(path: str | os.PathLike, obj: object) -> Path:
+    """torch.save, atomically. Through a Python file object, so that a failed write keeps its OSError
+    (torch.save on a path reports only "unexpected pos")."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda p: p.write_bytes(data))
 
@@ -71,10 +172,13 @@ def cache_dir() -> Path:
 def _hash_stream(path: Path, size: int) -> str:
     h = hashlib.sha256()
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=size < _PROGRESS_FROM)
-    with open(path, "rb") as f, bar:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            bar.update(len(chunk))
+    try:
+        with open(path, "rb") as f, bar:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                bar.update(len(chunk))
+    except OSError as e:
+        raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
     return h.hexdigest()
 
 
@@ -105,7 +209,7 @@ def sha256_file(path: str | os.PathLike, use_cache: bool = True) -> str:
         cache[key] = {**stamp, "sha256": digest}
         try:
             atomic_write_bytes(cache_file, json.dumps(cache, indent=0, sort_keys=True).encode())
-        except OSError:
+        except (OSError, StateHubError):
             pass  # a read-only cache is not worth failing the user's command over
     return digest
 

@@ -14,23 +14,24 @@ import re
 import struct
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from . import __version__
 from .checkpoint import load_state_dict, read_checkpoint, spec_from_state_dict
 from .errors import StateHubError
-from .files import atomic_write
-from .state import FORMAT_VERSION, State
+from .files import atomic_torch_save, atomic_write
+from .state import FORMAT_VERSION, State, parse_metadata
 
 FORMATS = ("safetensors", "pth", "ai00", "merged")
 PTH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAGIC = "rwkv-state-hub"
+LAYOUTS = {"head,value,key": "safetensors", "head,key,value": "ai00"}  # our header's layout -> the format
 
-_STATE_KEY = re.compile(r"^(?:.*\.)?blocks\.(\d+)\.att\.time_state$")
-_SHIFT_KEY = re.compile(r"^blocks\.(\d+)\.(att|ffn)\.shift_state$")
+# layer numbers of at most 9 digits: int() of a longer one is refused by Python, and no model has 10^9 layers
+_STATE_KEY = re.compile(r"^(?:.*\.)?blocks\.([0-9]{1,9})\.att\.time_state$")
+_SHIFT_KEY = re.compile(r"^blocks\.([0-9]{1,9})\.(att|ffn)\.shift_state$")
 
 
 def time_state_key(layer: int) -> str:
@@ -40,6 +41,12 @@ def time_state_key(layer: int) -> str:
 # ---------------------------------------------------------------- writing
 
 
+def save_file(tensors: dict[str, Tensor], filename: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, but written through Python's open: safetensors' own takes only UTF-8 names, and a
+    file name may hold any bytes. States are small, so the one in-memory copy costs little."""
+    Path(filename).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+
+
 def _st_metadata(state: State, layout: str) -> dict[str, str]:
     meta = {**state.metadata, "format_version": FORMAT_VERSION, "created_with": f"rwkv-state-hub {__version__}"}
     return {"format": MAGIC, "layout": layout, "metadata": json.dumps(meta, sort_keys=True)}
@@ -47,13 +54,14 @@ def _st_metadata(state: State, layout: str) -> dict[str, str]:
 
 def save_native(state: State, path: str | os.PathLike) -> Path:
     """The project's own file: everything a State has, nothing lost."""
+    state.raise_if_nonfinite()
     tensors = {time_state_key(i): state.wkv[i].float().contiguous() for i in range(state.n_layer)}
     if state.shift is not None:
         for i in range(state.n_layer):
             tensors[f"blocks.{i}.att.shift_state"] = state.shift[i, 0].float().contiguous()
             tensors[f"blocks.{i}.ffn.shift_state"] = state.shift[i, 1].float().contiguous()
     meta = _st_metadata(state, "head,value,key")
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    return atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
 
 
 def _check_fp16_range(state: State, what: str) -> None:
@@ -68,24 +76,27 @@ def _check_fp16_range(state: State, what: str) -> None:
 
 def save_pth(state: State, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
     """What Runner, PEFT and RWKV-LM read: a plain dict of exactly n_layer [H, V, K] tensors."""
+    state.raise_if_nonfinite()
     if dtype == torch.float16:
         _check_fp16_range(state, "a float16 pth")
     tensors = {time_state_key(i): state.wkv[i].to(dtype).contiguous() for i in range(state.n_layer)}
-    return atomic_write(path, lambda p: torch.save(tensors, p))
+    return atomic_torch_save(path, tensors)
 
 
 def save_ai00(state: State, path: str | os.PathLike) -> Path:
     """Ai00 / web-rwkv: F16 exactly, each head as [key, value]."""
+    state.raise_if_nonfinite()
     _check_fp16_range(state, "Ai00's F16 format")
     tensors = {time_state_key(i): state.wkv[i].transpose(1, 2).to(torch.float16).contiguous()
                for i in range(state.n_layer)}
     meta = _st_metadata(state, "head,key,value")
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    return atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
 
 
 def save_merged(state: State, path: str | os.PathLike, base_model: str | os.PathLike, force: bool = False) -> Path:
     """The base checkpoint with `blocks.{i}.att.time_state` added: the rwkv pip package (v5/v6) then
     starts every `forward(tokens, None)` from this state."""
+    state.raise_if_nonfinite()
     spec, weights = read_checkpoint(base_model)
     if spec.arch == "v7":
         raise StateHubError(
@@ -95,7 +106,7 @@ def save_merged(state: State, path: str | os.PathLike, base_model: str | os.Path
     state.check(spec, force=force)
     merged = {k: v for k, v in weights.items() if not k.endswith(".att.time_state")}
     merged.update({time_state_key(i): state.wkv[i].float().contiguous() for i in range(state.n_layer)})
-    return atomic_write(path, lambda p: torch.save(merged, p))
+    return atomic_torch_save(path, merged)
 
 
 def export_state(
@@ -108,9 +119,6 @@ def export_state(
 ) -> list[str]:
     """Write `state` in format `fmt`; returns notes for the user (what the format cannot carry)."""
     notes = []
-    for name, t in (("wkv", state.wkv), ("token-shift", state.shift)):
-        if t is not None and not torch.isfinite(t).all():
-            raise StateHubError(f"{state.source}: {name} state has non-finite values (NaN or inf); not exporting it")
     if state.shift is not None and fmt != "safetensors":
         notes.append(f"the {fmt} format carries only the wkv state; consumers start the token shift from zero")
     if fmt == "safetensors":
@@ -148,31 +156,41 @@ def _kind(path: Path) -> str:
 
 
 def _stack_layers(path: Path, tensors: dict[str, Tensor]) -> Tensor:
-    """blocks.{i}.att.time_state for i = 0..L-1 -> [L, H, N, N] fp32, checked."""
+    """blocks.{i}.att.time_state for i = 0..L-1 -> [L, H, N, N] fp32, checked. L is the number of layers the
+    file holds, never a number written in a key: blocks.30000000 alone is a missing layer 0, not 30M layers."""
     by_layer = {int(m.group(1)): t for k, t in tensors.items() if (m := _STATE_KEY.match(k))}
     if not by_layer:
         raise StateHubError(f"{path}: no blocks.*.att.time_state tensors: not an RWKV state")
-    L = max(by_layer) + 1
-    missing = sorted(set(range(L)) - set(by_layer))
-    if missing:
-        raise StateHubError(f"{path}: time_state of layer {missing[0]} is missing ({len(by_layer)} of {L} layers)")
+    L = len(by_layer)
+    if max(by_layer) >= L:
+        missing = min(set(range(L)) - set(by_layer))
+        raise StateHubError(f"{path}: time_state of layer {missing} is missing ({L} layers, the last numbered "
+                            f"{max(by_layer)})")
     first = by_layer[0]
     for i in range(L):
         t = by_layer[i]
-        if t.dim() != 3 or t.shape[1] != t.shape[2] or t.shape != first.shape:
+        if t.dim() != 3 or t.shape[1] != t.shape[2] or t.shape != first.shape or t.numel() == 0:
             raise StateHubError(f"{path}: layer {i} time_state has shape {list(t.shape)}, expected [H, N, N] "
-                                f"like layer 0 {list(first.shape)}")
+                                f"(none 0) like layer 0 {list(first.shape)}")
         if not t.is_floating_point():
             raise StateHubError(f"{path}: layer {i} time_state has dtype {t.dtype}, expected a float type")
     return torch.stack([by_layer[i].float() for i in range(L)])
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the header's metadata. The bytes are read here, not by safetensors' safe_open, which takes
+    only UTF-8 names; the cost is the file's size, and safetensors checks every offset in the header against it."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        data = path.read_bytes()
+    except OSError as e:
+        raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        tensors = safetensors.torch.load(data)
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])  # already parsed and checked once by safetensors
     except Exception as e:  # noqa: BLE001 - a malformed header is the file's fault
-        raise StateHubError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:200]})") from None
+        raise StateHubError(f"{path}: not a valid safetensors file ({' '.join(str(e).split())[:200]})") from None
+    return tensors, header.get("__metadata__") or {}
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -190,22 +208,17 @@ def _load(path: Path) -> tuple[State, str]:
         raise StateHubError(f"{path}: no such file")
     if _kind(path) == "safetensors":
         tensors, header = _read_safetensors(path)
-        meta = {}
-        if header.get("format") == MAGIC:
-            try:
-                meta = json.loads(header.get("metadata", "{}"))
-            except ValueError:
-                raise StateHubError(f"{path}: damaged rwkv-state-hub metadata") from None
+        meta = parse_metadata(header.get("metadata", "{}"), str(path)) if header.get("format") == MAGIC else {}
         # Ai00 reads [H, K, V] and only F16; our ai00 files say so. A foreign F16 file is Ai00's.
         layout = header.get("layout") or ("head,key,value" if _all_f16(tensors) else "head,value,key")
+        if layout not in LAYOUTS:
+            raise StateHubError(f"{path}: unknown layout {layout[:40]!r} in the header; expected "
+                                f"{' or '.join(map(repr, LAYOUTS))}")
         wkv = _stack_layers(path, tensors)
-        if layout == "head,key,value":
+        if LAYOUTS[layout] == "ai00":
             wkv = wkv.transpose(2, 3).contiguous()
-            fmt = "ai00"
-        else:
-            fmt = "safetensors"
         shift = _read_shift(path, tensors, wkv.shape[0])
-        return State(wkv, shift, meta, source=str(path)), fmt
+        return State(wkv, shift, meta, source=str(path)), LAYOUTS[layout]
     sd = load_state_dict(path)
     wkv = _stack_layers(path, sd)
     if "emb.weight" in sd:  # a model with a state inside
@@ -215,7 +228,7 @@ def _load(path: Path) -> tuple[State, str]:
         return State(wkv, None, meta, source=str(path)), "merged"
     extra = [k for k in sd if not _STATE_KEY.match(k)]
     if extra:
-        raise StateHubError(f"{path}: unexpected tensor {extra[0]!r} in a state file")
+        raise StateHubError(f"{path}: unexpected tensor {extra[0][:80]!r} in a state file")
     return State(wkv, None, {}, source=str(path)), "pth"
 
 

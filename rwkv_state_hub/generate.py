@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from .errors import StateHubError
 from .model import RWKV, RecurrentState
 from .state import State
 from .tokenizer import Tokenizer
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Nucleus sampling; temperature 0 is greedy."""
+    """Nucleus sampling; temperature 0 is greedy, and so is one so small that the scaled logits overflow."""
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        return int(logits.argmax())
     sorted_probs, order = probs.sort(descending=True)
     keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
     keep[0] = True  # the most likely token always stays, even with top_p <= 0
@@ -36,7 +39,7 @@ def generate(
     rs = state.to_recurrent() if isinstance(state, State) else state
     tokens = tokenizer.encode(prompt)
     if not tokens:
-        raise ValueError("generate needs a non-empty prompt: a model reads one token before it predicts one")
+        raise StateHubError("the prompt encodes to no tokens: a model reads one token before it predicts one")
     logits, rs = model(torch.tensor([tokens]), rs)
     logits = logits[0, -1]
     g = torch.Generator().manual_seed(seed)

@@ -33,7 +33,7 @@ from huggingface_hub.errors import (
 
 from .checkpoint import ModelSpec, read_spec
 from .errors import StateHubError
-from .files import atomic_path, sha256_bytes, sha256_file
+from .files import atomic_path, os_reason, sha256_bytes, sha256_file
 from .formats import detect_format, export_state, load_state
 from .hub_card import (
     EXPORT_FORMATS,
@@ -52,6 +52,7 @@ from .state import State
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 PULL_FORMATS = tuple(REPO_FILES)
+MAX_CARD_BYTES = 1 << 20  # a model card is a stranger's file: larger ones are not read
 
 
 def _endpoint(endpoint: str | None) -> str | None:
@@ -201,10 +202,12 @@ def _hub_errors(repo_id: str, token: str | None, what: str = "") -> Iterator[Non
                             f"{_scrub(str(e), token)[:160]}); check the connection (or HF_ENDPOINT / --endpoint) "
                             "and run again") from None
     except OSError as e:
-        if "Consistency check failed" not in str(e):
-            raise
-        raise StateHubError(f"{repo_id}: {what or 'a download'} arrived incomplete (network trouble); "
-                            "run again") from None
+        if "Consistency check failed" in str(e):
+            raise StateHubError(f"{repo_id}: {what or 'a download'} arrived incomplete (network trouble); "
+                                "run again") from None
+        # e.g. a file name too long for the disk (from a hostile manifest), a full disk under the cache
+        raise StateHubError(f"{repo_id}: {what or 'a file'}: the operating system refused it "
+                            f"({os_reason(e) or type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------- push
@@ -352,8 +355,9 @@ def _verified(path: Path, entry: dict[str, Any], where: str) -> None:
 
 def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "native",
                output: str | os.PathLike | None = None, revision: str | None = None, force: bool = False,
-               token: str | None = None, endpoint: str | None = None) -> PullResult:
-    """`pull` with everything it learned: the manifest, the commit, and the warnings `force` let through."""
+               token: str | None = None, endpoint: str | None = None, max_bytes: int | None = None) -> PullResult:
+    """`pull` with everything it learned: the manifest, the commit, and the warnings `force` let through.
+    With `max_bytes`, a state the manifest says is larger is refused before it is downloaded."""
     endpoint = _endpoint(endpoint)
     repo_id, revision = _split_revision(repo_id, revision)
     if fmt not in REPO_FILES:
@@ -372,7 +376,8 @@ def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None,
     commit = manifest_path.parent.name if _COMMIT.match(manifest_path.parent.name) else revision
     manifest = read_manifest(manifest_path, f"{repo_id}/{MANIFEST}")
     made_for = manifest["base_model_sha256"]
-    made_for_name = (manifest.get("base_model") or {}).get("name") or "another model"
+    base_model = manifest.get("base_model")
+    made_for_name = (base_model.get("name") if isinstance(base_model, dict) else None) or "another model"
     warnings: list[str] = []
     spec = None
     if model is not None:
@@ -390,6 +395,9 @@ def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None,
         have_formats = ", ".join(r for r in manifest["files"] if r in REPO_FILES)
         raise StateHubError(f"{repo_id}: no {fmt} file in this repo (it has: {have_formats})")
     where = f"{repo_id}/{entry['path']}"
+    if max_bytes is not None and entry["size"] > max_bytes:
+        raise StateHubError(f"{where}: {entry['size'] >> 20} MB says the manifest, over the {max_bytes >> 20} MB "
+                            "taken here; not downloaded")
     path = _download(repo_id, entry["path"], commit, token, endpoint)
     _verified(path, entry, where)
     state = load_state(path)
@@ -415,20 +423,30 @@ def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None,
 
 def pull(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "native",
          output: str | os.PathLike | None = None, revision: str | None = None, force: bool = False,
-         token: str | None = None, endpoint: str | None = None) -> Path:
+         token: str | None = None, endpoint: str | None = None, max_bytes: int | None = None) -> Path:
     """Download a state (huggingface_hub's cache, resumable), verify every byte against the manifest, check it
     was made for `model` (local path, hf://owner/repo/file.pth or a ModelSpec; None skips that check), and
     return the local path of the file in format `fmt` ("native" | "pth" | "ai00")."""
     return pull_state(repo_id, model, fmt=fmt, output=output, revision=revision, force=force, token=token,
-                      endpoint=endpoint).path
+                      endpoint=endpoint, max_bytes=max_bytes).path
 
 
 def model_card(repo_id: str, *, revision: str | None = None, token: str | None = None,
-               endpoint: str | None = None) -> str:
-    """The README.md text of a state repo (for the demo to show)."""
+               endpoint: str | None = None, max_bytes: int = MAX_CARD_BYTES) -> str:
+    """The README.md text of a state repo (for the demo to show): UTF-8 text of at most `max_bytes`, or one
+    StateHubError line (a card is a stranger's file: its size is checked before it is read)."""
     endpoint = _endpoint(endpoint)
     repo_id, revision = _split_revision(repo_id, revision)
-    return _download(repo_id, "README.md", revision, token, endpoint).read_text(encoding="utf-8")
+    path = _download(repo_id, "README.md", revision, token, endpoint)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise StateHubError(f"{repo_id}/README.md: {size >> 10} KB, over the {max_bytes >> 10} KB shown")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StateHubError(f"{repo_id}/README.md: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise StateHubError(f"{repo_id}/README.md: cannot be read ({os_reason(e) or type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------- search

@@ -7,7 +7,6 @@ finds every state made for one exact checkpoint without an index service of ours
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from . import __version__
 from .errors import StateHubError
 from .files import sha256_file
-from .state import FORMAT_VERSION, State
+from .state import FORMAT_VERSION, State, check_types, json_type, load_json
 
 MANIFEST = "rwkv-state.json"
 MANIFEST_FORMAT = "rwkv-state-hub/state-repo"
@@ -28,6 +27,16 @@ EXPORT_FORMATS = {"native": "safetensors", "pth": "pth", "ai00": "ai00"}
 LOSS_PLOT = "loss.png"
 HASH_TAG_PREFIX = "base-sha256:"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_FILES = 16  # native, pth, ai00, plot today
+MAX_NAME_BYTES = 255  # what a file system takes as one name
+MANIFEST_TYPES: dict[str, type] = {
+    "format": str, "format_version": int, "created_with": str, "arch": str, "n_layer": int, "n_embd": int,
+    "n_head": int, "head_size": int, "token_shift": bool, "base_model_sha256": str, "base_model": dict,
+    "files": dict, "training": dict,
+}
+BASE_MODEL_TYPES: dict[str, type] = {"sha256": str, "name": str, "size": int, "repo": str, "file": str}
+FILE_ENTRY_TYPES: dict[str, type] = {"path": str, "size": int, "sha256": str}
 
 
 @dataclass(frozen=True)
@@ -87,27 +96,57 @@ def build_manifest(state: State, base: BaseModel, files: dict[str, Path]) -> dic
 
 
 def read_manifest(path: str | Path, where: str) -> dict[str, Any]:
-    """Parse and check a downloaded manifest; `where` names it in messages (repo/file)."""
+    """Parse and check a downloaded manifest; `where` names it in messages (repo/file). Bounded in size, depth
+    and number of files, every field we read type-checked: a stranger's repo gets one line, not a traceback."""
     try:
-        m = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise StateHubError(f"{where}: not a readable rwkv-state manifest ({e})") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise StateHubError(f"{where}: not a readable rwkv-state manifest ({e.strerror or e})") from None
+    m = load_json(data, f"{where}: manifest", MAX_MANIFEST_BYTES)
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         found = m.get("format") if isinstance(m, dict) else None
-        raise StateHubError(f"{where}: not an rwkv-state manifest (format is {found!r})")
-    if not isinstance(m.get("format_version"), int) or m["format_version"] > FORMAT_VERSION:
-        raise StateHubError(f"{where}: manifest format version {m.get('format_version')!r} is newer than this "
+        raise StateHubError(f"{where}: not an rwkv-state manifest (format is {found!r:.80})")
+    check_types(m, MANIFEST_TYPES, where)
+    check_types(m.get("base_model") or {}, BASE_MODEL_TYPES, where, "base_model.")
+    if m.get("format_version") is None:
+        raise StateHubError(f"{where}: the manifest has no format_version")
+    if m["format_version"] > FORMAT_VERSION:
+        raise StateHubError(f"{where}: manifest format version {m['format_version']} is newer than this "
                             f"rwkv-state-hub understands ({FORMAT_VERSION}); upgrade rwkv-state-hub")
     check_sha256(str(m.get("base_model_sha256")), f"{where}: base_model_sha256")
     files = m.get("files")
-    if not isinstance(files, dict) or "native" not in files:
+    if not files or "native" not in files:
         raise StateHubError(f"{where}: the manifest lists no native state file")
+    if len(files) > MAX_MANIFEST_FILES:
+        raise StateHubError(f"{where}: the manifest lists {len(files)} files, over {MAX_MANIFEST_FILES}")
     for role, entry in files.items():
-        ok = isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("size"), int)
-        if not ok or not _HEX64.match(str(entry.get("sha256"))) or "/" in entry["path"] or "\\" in entry["path"] \
-                or entry["path"] in ("", ".", "..", MANIFEST):
-            raise StateHubError(f"{where}: damaged entry for the {role} file (needs a plain path, size and sha256)")
+        _check_entry(role, entry, where)
     return m
+
+
+def _plain_name(name: str) -> bool:
+    """One file name in the repo's top folder: printable (no NUL, line breaks or lone surrogates), no separator,
+    not hidden (so not . or ..), not the manifest, at most MAX_NAME_BYTES in UTF-8."""
+    return (name.isprintable() and "/" not in name and "\\" not in name and not name.startswith(".")
+            and name != MANIFEST and 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES)
+
+
+def _check_entry(role: str, entry: Any, where: str) -> None:
+    """One `files` entry of a manifest: a plain role and path, a size and a sha256; one line otherwise."""
+    if not _plain_name(role):
+        raise StateHubError(f"{where}: the manifest lists a file under {role!r:.60}, not a plain name")
+    at = f"{where}: damaged entry for the {role} file"
+    if not isinstance(entry, dict):
+        raise StateHubError(f"{at}: expected an object, found {json_type(entry)}")
+    missing = next((k for k in FILE_ENTRY_TYPES if entry.get(k) is None), None)
+    if missing:
+        raise StateHubError(f"{at}: it has no {missing}")
+    check_types(entry, FILE_ENTRY_TYPES, at)
+    if not _plain_name(entry["path"]):
+        raise StateHubError(f"{at}: path {entry['path']!r:.80} is not a plain file name")
+    if entry["size"] < 0 or not _HEX64.match(entry["sha256"]):
+        raise StateHubError(f"{at}: needs a size of 0 or more and a sha256 of 64 lower-case hex digits")
 
 
 # ---------------------------------------------------------------- the model card

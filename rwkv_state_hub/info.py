@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import ModelSpec, load_state_dict, spec_from_state_dict
+from .checkpoint import ModelSpec, load_state_dict, nonfinite_tensors, spec_from_state_dict
 from .errors import StateHubError
 from .files import sha256_file
 from .formats import _kind, _load
@@ -43,6 +43,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             out.update(kind="checkpoint", **spec.to_dict())
             out["tokenizer"] = TOKENIZERS.get(spec.vocab_size, f"unknown ({spec.vocab_size} tokens)")
             out["has_time_state"] = spec.has_time_state
+            out["nonfinite_tensors"] = nonfinite_tensors(sd)  # NaN or inf weights: the model cannot work
             out["consumers"] = checkpoint_consumers(spec)
             return out
     state, fmt = _load(path)
@@ -56,6 +57,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         token_shift=state.shift is not None,
         sha256=sha256_file(path),
         wkv_norm=round(float(state.wkv.norm()), 4),
+        nonfinite_tensors=nonfinite_tensors(state.tensors()),
         metadata=state.metadata,
         consumers=state_consumers(fmt, state.arch),
     )

@@ -13,7 +13,7 @@ import os
 import torch
 from torch import Tensor
 
-from .files import atomic_write
+from .files import atomic_torch_save
 
 LORA_RANKS = {"v6": {"maa": 32, "decay": 64}, "v7": {"w": 64, "a": 64, "v": 32, "g": 128}}
 
@@ -108,4 +108,4 @@ def random_checkpoint(
 
 def save_checkpoint(weights: dict[str, Tensor], path: str | os.PathLike) -> None:
     """torch.save a state dict atomically, as BlinkDL's checkpoints are saved."""
-    atomic_write(path, lambda p: torch.save(weights, p))
+    atomic_torch_save(path, weights)

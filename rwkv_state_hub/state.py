@@ -6,16 +6,34 @@ the de-facto `.pth` files. Transposes happen only at the edges that need them (f
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .checkpoint import ModelSpec
+from .checkpoint import ModelSpec, nonfinite_tensors
 from .errors import StateHubError
 
 FORMAT_VERSION = 1
+MAX_METADATA_BYTES = 1 << 20
+MAX_FIELD_CHARS = 1024  # names, hashes, methods: what ends up in one-line messages
+MAX_JSON_DEPTH = 16  # our own files nest 4 deep (metadata -> training -> parents -> entry)
+
+# the keys we read from a state's metadata, and their JSON types (null = absent); other keys pass untouched
+METADATA_TYPES: dict[str, type] = {
+    "arch": str, "n_layer": int, "n_embd": int, "n_head": int, "head_size": int, "tokenizer": str,
+    "base_model_sha256": str, "base_model_name": str, "base_model_size": int, "base_model_repo": str,
+    "base_model_file": str, "format_version": int, "created_with": str, "merged_into": str, "training": dict,
+}
+TRAINING_TYPES: dict[str, type] = {
+    "method": str, "which": str, "steps": int, "tokens_seen": int, "best_val_loss": float, "final_val_loss": float,
+    "data_sha256": str, "data_files": list, "hyperparameters": dict, "parents": list, "prompt_sha256": str,
+    "prompt_tokens": int, "prompt_chars": int,
+}
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+               bool: "true or false", type(None): "null"}
 
 
 @dataclass
@@ -96,12 +114,27 @@ class State:
         if self.shift is not None and tuple(self.shift.shape) != (spec.n_layer, 2, spec.n_embd):
             out.append(f"{self.source}: token-shift state {list(self.shift.shape)}, "
                        f"but {spec.name} needs [{spec.n_layer}, 2, {spec.n_embd}]")
-        for name, t in (("wkv", self.wkv), ("token-shift", self.shift)):
-            if t is not None and t.dtype != torch.float32:
+        for name, t in self.tensors().items():
+            if t.dtype != torch.float32:
                 out.append(f"{self.source}: {name} state is {t.dtype}, expected float32")
-            if t is not None and not torch.isfinite(t).all():
-                out.append(f"{self.source}: {name} state has non-finite values (NaN or inf)")
-        return out
+        nonfinite = self.nonfinite_problem()
+        return out + ([nonfinite] if nonfinite else [])
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The state's tensors by name: wkv, and token-shift when it has one."""
+        return {"wkv": self.wkv} | ({"token-shift": self.shift} if self.shift is not None else {})
+
+    def nonfinite_problem(self) -> str | None:
+        """A message if the wkv or token-shift tensor holds NaN or inf (a diverged run, a bad mix): such a
+        state cannot work and must never be written."""
+        bad = nonfinite_tensors(self.tensors())
+        return f"{self.source}: {bad[0]} state has non-finite values (NaN or inf)" if bad else None
+
+    def raise_if_nonfinite(self) -> None:
+        """The one check every writer makes before a byte is written."""
+        problem = self.nonfinite_problem()
+        if problem:
+            raise StateHubError(f"{problem}; not writing it")
 
     def identity_problem(self, spec: ModelSpec) -> str | None:
         """A message if this state records another base model (by sha256) than `spec`'s file."""
@@ -158,4 +191,71 @@ def for_model(spec: ModelSpec) -> dict[str, Any]:
     }
     if spec.path:
         meta.update(base_model_sha256=spec.sha256, base_model_name=spec.name, base_model_size=spec.file_size)
+    return meta
+
+
+# ---------------------------------------------------------------- untrusted JSON: metadata (and manifests)
+
+
+def load_json(text: str | bytes, where: str, max_bytes: int) -> Any:
+    """JSON from a file a stranger made: at most `max_bytes` and MAX_JSON_DEPTH levels (the parser recurses once
+    per level, so depth is bounded too), one line naming `where` otherwise."""
+    if len(text) > max_bytes:
+        raise StateHubError(f"{where}: {len(text)} bytes of JSON, over the {max_bytes} limit")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise StateHubError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        raise StateHubError(f"{where}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise StateHubError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` nests more than `limit` levels; stops at limit + 1, so the recursion is bounded."""
+    if not isinstance(value, (dict, list)):
+        return False
+    if limit <= 0:
+        return True
+    children = value.values() if isinstance(value, dict) else value
+    return any(_deeper_than(v, limit - 1) for v in children)
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def check_types(obj: dict[str, Any], types: dict[str, type], where: str, prefix: str = "") -> None:
+    """Each key of `types` that `obj` has (null counts as absent) holds that JSON type; an integer must not be
+    true/false, a number may be an integer, and a string must be short and printable (it ends up in one-line
+    messages)."""
+    for key, want in types.items():
+        value = obj.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise StateHubError(f"{where}: {prefix}{key} must be {_JSON_NAMES[want]}, found {json_type(value)}")
+        if want is str and (not value.isprintable() or len(value) > MAX_FIELD_CHARS):
+            raise StateHubError(f"{where}: {prefix}{key} holds line breaks or control characters, or is over "
+                                f"{MAX_FIELD_CHARS} characters")
+
+
+def parse_metadata(text: str, where: str) -> dict[str, Any]:
+    """A state file's metadata JSON, bounded and type-checked: the one gate every reader of metadata goes through,
+    so that check, info, export, mix and the demo can rely on the types of the keys they read."""
+    meta = load_json(text, f"{where}: metadata", MAX_METADATA_BYTES)
+    if not isinstance(meta, dict):
+        raise StateHubError(f"{where}: metadata must be a JSON object, found {json_type(meta)}")
+    check_types(meta, METADATA_TYPES, f"{where}: metadata")
+    training = meta.get("training") or {}
+    check_types(training, TRAINING_TYPES, f"{where}: metadata", "training.")
+    parents = training.get("parents") or []
+    if not all(isinstance(p, dict) for p in parents):
+        raise StateHubError(f"{where}: metadata training.parents must be a list of objects")
     return meta

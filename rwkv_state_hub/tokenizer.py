@@ -21,11 +21,24 @@ if TYPE_CHECKING:
 WORLD_VOCAB = "rwkv_vocab_v20230424.txt"
 WORLD_VOCAB_SIZE = 65536
 BUILTIN = ("world", "bytes", "utf-16-le")
+_ALIASES = {"world": "world", "bytes": "utf-8", "utf-8": "utf-8", "utf8": "utf-8",
+            "utf-16-le": "utf-16-le", "utf-16le": "utf-16-le", "utf16le": "utf-16-le"}
+MAX_TOKENIZER_BYTES = 64 << 20  # the largest tokenizer.json files in use are about 35 MB
 
 # End-of-document names seen in tokenizer.json files, most common first; any other special token
 # whose name mentions eos / endoftext is the fallback.
 _EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|end|>")
 _EOD_PATTERN = re.compile(r"eos|end_?of_?text", re.IGNORECASE)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Why `text` cannot be encoded, if it holds a lone surrogate (a JSON "\\ud800" escape without its pair,
+    or command-line bytes that were not UTF-8); None when it is valid Unicode text."""
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    return f"lone surrogate \\u{ord(found.group()):04x} at character {found.start() + 1} (not valid Unicode text)"
 
 
 class Tokenizer(ABC):
@@ -35,8 +48,15 @@ class Tokenizer(ABC):
     vocab_size: int
     eod: int | None  # the id that ends a document, if the vocabulary has one
 
+    def encode(self, text: str) -> list[int]:
+        """The token ids of `text`; text that is not valid Unicode gets one line instead of a UnicodeEncodeError."""
+        why = lone_surrogate(text)
+        if why is not None:
+            raise StateHubError(f"cannot encode the text: {why}")
+        return self._encode(text)
+
     @abstractmethod
-    def encode(self, text: str) -> list[int]: ...
+    def _encode(self, text: str) -> list[int]: ...
 
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
@@ -55,7 +75,7 @@ class WorldTokenizer(Tokenizer):
     def __init__(self) -> None:
         self._trie = _world_trie()
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self._trie.encodeBytes(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
@@ -94,7 +114,7 @@ class ByteTokenizer(Tokenizer):
         self.encoding = encoding
         self.name = "bytes" if encoding == "utf-8" else encoding
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return list(text.encode(self.encoding))
 
     def decode(self, ids: list[int]) -> str:
@@ -110,11 +130,20 @@ class HFTokenizer(Tokenizer):
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        if not path.is_file():
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except OSError as e:
+            raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
+        if size is None:
             raise StateHubError(f"{path}: no such tokenizer file")
+        if size > MAX_TOKENIZER_BYTES:
+            raise StateHubError(f"{path}: {size} bytes, more than any tokenizer.json "
+                                f"({MAX_TOKENIZER_BYTES >> 20} MiB at most)")
         try:
             self._tok = _HF.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions for any bad file
+        except BaseException as e:  # noqa: BLE001 - plain Exceptions for a bad file; a Rust panic is a BaseException
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise StateHubError(f"{path}: not a valid tokenizer.json ({reason})") from None
         self.path = path
@@ -122,7 +151,7 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod = _find_eod(self._tok)
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         # no automatic BOS/EOS: the data pipeline decides exactly which tokens a sample holds
         return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -161,16 +190,21 @@ def get_tokenizer(name: str | None = None, spec: ModelSpec | None = None) -> Tok
     return tok
 
 
+def check_tokenizer_name(name: str | os.PathLike) -> str | None:
+    """Why `name` names no tokenizer (None when it does): lets a run refuse it before loading anything."""
+    name = os.fspath(name)
+    if name.strip().lower() in _ALIASES or Path(name.removeprefix("hf:")).exists():
+        return None
+    return "expected world, bytes, utf-16-le or the path of a tokenizer.json (no such file)"
+
+
 def _named(name: str) -> Tokenizer:
-    key = name.strip().lower()
-    if key == "world":
+    why = check_tokenizer_name(name)
+    if why is not None:
+        raise StateHubError(f"unknown tokenizer {name!r}: {why}")
+    kind = _ALIASES.get(name.strip().lower())
+    if kind == "world":
         return WorldTokenizer()
-    if key in ("bytes", "utf-8", "utf8"):
-        return ByteTokenizer("utf-8")
-    if key in ("utf-16-le", "utf-16le", "utf16le"):
-        return ByteTokenizer("utf-16-le")
-    path = name.removeprefix("hf:")
-    if not Path(path).exists():
-        raise StateHubError(f"unknown tokenizer {name!r}: expected world, bytes, utf-16-le or the path of a "
-                            "tokenizer.json (no such file)")
-    return HFTokenizer(path)
+    if kind is not None:
+        return ByteTokenizer(kind)
+    return HFTokenizer(name.removeprefix("hf:"))

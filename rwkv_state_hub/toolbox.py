@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from .files import atomic_write
 from .model import RWKV
 from .state import State
 from .tokenizer import Tokenizer
+
+NONFINITE_GREY = (150, 150, 150)
 
 
 @torch.no_grad()
@@ -35,6 +38,12 @@ def mix(states: list[State], weights: list[float]) -> State:
     """sum_i weights[i] * states[i]: for states of one base model only (by dims and by sha256)."""
     if len(states) < 2 or len(states) != len(weights):
         raise StateHubError(f"mix needs two or more states and one weight each, got {len(states)} and {len(weights)}")
+    if not all(math.isfinite(w) for w in weights):
+        raise StateHubError(f"mix weights {weights}: every weight must be a finite number")
+    for s in states:
+        problem = s.nonfinite_problem()
+        if problem:
+            raise StateHubError(f"{problem}: cannot mix it")
     first = states[0]
     for s in states[1:]:
         if s.wkv.shape != first.wkv.shape:
@@ -50,6 +59,10 @@ def mix(states: list[State], weights: list[float]) -> State:
     if any(s.shift is not None for s in states):  # a state without a token shift has a zero one
         shift = sum(w * (s.shift if s.shift is not None else torch.zeros(s.n_layer, 2, s.n_embd))
                     for w, s in zip(weights, states, strict=True))
+    for name, t in (("wkv", wkv), ("token-shift", shift)):
+        if t is not None and not torch.isfinite(t).all():
+            raise StateHubError(f"mix weights {weights}: the {name} state overflows float32 (NaN or inf); "
+                                "use smaller weights")
     base = next((s for s in states if s.base_model_sha256), first)
     identity = {k: v for k, v in base.metadata.items() if k.startswith("base_model") or k in
                 ("arch", "n_layer", "n_embd", "n_head", "head_size", "tokenizer")}
@@ -88,12 +101,17 @@ def save_heatmap(d: torch.Tensor, path: str | os.PathLike, cell: int = 24) -> No
     left, top = 40, 30
     img = Image.new("RGB", (left + H * cell + 10, top + L * cell + 10), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((left, 8), "relative difference per head (0 white .. 1+ dark red)", fill=(40, 40, 40))
+    draw.text((left, 8), "relative difference per head (0 white .. 1+ dark red; grey: NaN or inf)",
+              fill=(40, 40, 40))
     for i in range(L):
         draw.text((8, top + i * cell + 6), str(i), fill=(40, 40, 40))
         for h in range(H):
-            v = min(float(d[i, h]), 1.0)
-            colour = (255 - int(90 * v), int(255 * (1 - v)), int(255 * (1 - v)))
+            v = float(d[i, h])
+            if math.isfinite(v):
+                v = min(v, 1.0)
+                colour = (255 - int(90 * v), int(255 * (1 - v)), int(255 * (1 - v)))
+            else:  # a state with NaN or inf in this head
+                colour = NONFINITE_GREY
             draw.rectangle([left + h * cell, top + i * cell, left + (h + 1) * cell - 1, top + (i + 1) * cell - 1],
                            fill=colour)
     atomic_write(path, lambda p: img.save(p, format="PNG"))

@@ -11,33 +11,41 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Collection
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import __version__, wkv
-from .checkpoint import read_checkpoint
+from .checkpoint import _load_failure, check_torch_zip, read_checkpoint
 from .data import Dataset, collate, load_dataset
 from .errors import StateHubError
 from .evaluate import EvalResult, batch_loss, evaluate
-from .files import atomic_write, atomic_write_bytes
+from .files import atomic_torch_save, atomic_write_bytes
 from .formats import export_state, save_native
 from .model import EncodedState, LearnedState, build_model, memory
 from .model.common import HEAD_CHUNK_BYTES
 from .plot import plot_losses
 from .state import State
-from .tokenizer import get_tokenizer
+from .tokenizer import check_tokenizer_name, get_tokenizer
 from .wkv import cuda as cuda_wkv
 
 CHECKPOINT = "checkpoint.pt"
 EXPORT_NAMES = {"pth": "state.pth", "ai00": "state.st", "safetensors": "state.safetensors"}
 KERNELS = ("auto", "torch", "cuda")
+PRECISIONS = ("fp32", "bf16")
+INT_MAX = 2**31 - 1  # no count or length of ours needs more; larger ones overflow torch and numpy int32
+SEED_MAX = 2**32 - 1
+EPOCHS_MAX = 1e6
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_LR_HINT = " (the decay is geometric; use a small --lr-final such as 1e-4 for 'almost zero')"
 
 
 @dataclass
@@ -74,18 +82,51 @@ class TrainConfig:
     kernel: str = "auto"  # WKV: auto = torch (until the CUDA kernels are verified on hardware), torch, cuda
     export: list[str] = field(default_factory=list)
 
+    # which fields came from a config file (field -> file name), so that an error names them as written there
+    _origin: ClassVar[dict[str, str]] = {}
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], source: str | None = None,
+                  file_keys: Collection[str] | None = None) -> TrainConfig:
+        """A validated config from options and/or a config file. source: the file's name; file_keys: the keys
+        that came from it (default: all of them when there is a source)."""
+        where = source or "options"
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
-            raise StateHubError(f"{source}: unknown option {unknown[0]!r}")
+            raise StateHubError(f"{where}: unknown option {unknown[0][:80]!r}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                   and f.name not in d]
+        if missing:
+            raise StateHubError(f"{where}: {missing[0]} is required")
         for key in ("data", "val_data"):
             if isinstance(d.get(key), str):
                 d = {**d, key: [d[key]]}
         if isinstance(d.get("export"), str):
             d = {**d, "export": [x for x in d["export"].split(",") if x]}
-        return cls(**d)
+        cfg = cls(**d)
+        if source is not None:
+            cfg._origin = {key: source for key in (d if file_keys is None else file_keys)}
+        return cfg.validate()
+
+    def validate(self) -> TrainConfig:
+        """Check every field's type and range before any work, so a bad value costs one line, not a traceback
+        after the model is loaded (or, worse, a run that ends "Done" with an untrained or non-finite state)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind, check = _RULES[f.name]
+            why = _type_problem(kind, value)
+            if why is None and value is not None and check is not None:
+                why = check(value)
+            if why is not None:
+                raise StateHubError(f"{self._label(f.name, value)}: {why}")
+        return self
+
+    def _label(self, key: str, value: Any) -> str:
+        """The option as the user wrote it: `run.toml: ctx_len = "512"` or `--ctx-len 0`."""
+        if key in self._origin:
+            return f"{self._origin[key]}: {key} = {_shown(value, toml=True)}"
+        return f"--{key.replace('_', '-')} {_shown(value, toml=False)}"
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML, so `--config out/config.toml` repeats the run."""
@@ -94,6 +135,106 @@ class TrainConfig:
             if value is not None:
                 lines.append(f"{key} = {json.dumps(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _shown(value: Any, toml: bool) -> str:
+    """A value on one short line: TOML spelling for a config file, the command line's for an option."""
+    if isinstance(value, float) and not math.isfinite(value):
+        text = str(value)  # nan, inf, -inf: TOML and click spell them alike
+    elif toml:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    else:
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        text = text if text.isprintable() else json.dumps(text)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "expected an integer"),
+    "number": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "expected a number"),
+    "bool": (lambda v: isinstance(v, bool), "expected true or false"),
+    "text": (lambda v: isinstance(v, str | os.PathLike) and os.fspath(v) != "", "expected a non-empty string"),
+    "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str | os.PathLike) and os.fspath(x) for x in v),
+              "expected a list of non-empty strings"),
+}
+
+
+def _type_problem(kind: str, value: Any) -> str | None:
+    """Why a value is not of its field's kind ("int?" also allows None); None when it is."""
+    if value is None:
+        return None if kind.endswith("?") else "is required"
+    kind = kind.rstrip("?")
+    ok, expected = _TYPES[kind]
+    if not ok(value):
+        return expected
+    if kind in ("int", "number") and not _finite(value):
+        return "must be a finite number"
+    return None
+
+
+def _between(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False,
+             hint: str = "") -> Callable[[Any], str | None]:
+    """A range check whose message says which end was crossed."""
+    def check(v: float) -> str | None:
+        if v < low or (low_open and v == low):
+            return f"must be {'greater than' if low_open else 'at least'} {low}{hint}"
+        if high is not None and (v > high or (high_open and v == high)):
+            return f"must be {'less than' if high_open else 'at most'} {high}"
+        return None
+    return check
+
+
+def _one_of(choices: Collection[str]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"choose from {', '.join(choices)}"
+
+
+def _each_of(choices: Collection[str]) -> Callable[[list], str | None]:
+    def check(values: list) -> str | None:
+        bad = next((v for v in values if v not in choices), None)
+        return None if bad is None else f"unknown format {bad!r}; choose from {', '.join(choices)}"
+    return check
+
+
+_COUNT = _between(1, INT_MAX)
+# field -> (kind, check of a value of that kind); the one place where a training option's rules live
+_RULES: dict[str, tuple[str, Callable[[Any], str | None] | None]] = {
+    "model": ("text", None),
+    "data": ("texts", lambda v: None if v else "name at least one data file"),
+    "out": ("text", None),
+    "val_data": ("texts", None),
+    "tokenizer": ("text?", check_tokenizer_name),
+    "ctx_len": ("int", _COUNT),
+    "micro_bsz": ("int", _COUNT),
+    "grad_accum": ("int", _COUNT),
+    "epochs": ("number", _between(0, EPOCHS_MAX, low_open=True)),
+    "steps": ("int?", _between(1, INT_MAX, hint=" (or leave it out to use --epochs)")),
+    "lr_init": ("number", _between(0, low_open=True, hint=_LR_HINT)),
+    "lr_final": ("number", _between(0, low_open=True, hint=_LR_HINT)),
+    "warmup_steps": ("int", _between(0, INT_MAX)),
+    "beta1": ("number", _between(0, 1, high_open=True)),
+    "beta2": ("number", _between(0, 1, high_open=True)),
+    "adam_eps": ("number", _between(0, low_open=True)),
+    "grad_clip": ("number", _between(0, low_open=True)),
+    "precision": ("text", _one_of(PRECISIONS)),
+    "grad_checkpoint": ("bool", None),
+    "memory_budget": ("number?", _between(0, low_open=True, hint=" GiB")),
+    "full_state": ("bool", None),
+    "state_encoder": ("bool", None),
+    "encoder_lr_scale": ("number", _between(0, low_open=True)),
+    "seed": ("int", _between(0, SEED_MAX)),
+    "val_every": ("int", _COUNT),
+    "save_every": ("int", _COUNT),
+    "device": ("text", lambda v: None if _DEVICE.fullmatch(str(v)) else "choose auto, cpu, cuda or cuda:N"),
+    "kernel": ("text", _one_of(KERNELS)),
+    "export": ("texts", _each_of(EXPORT_NAMES)),
+}
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -176,24 +317,13 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Run state tuning as configured; returns where the results are. Ctrl-C saves and returns."""
+    """Run state tuning as configured; returns where the results are. Ctrl-C saves and returns.
+    A step whose loss, gradient or state is not finite stops the run with one line; nothing it made is saved."""
+    cfg.validate()
     device = _pick_device(cfg.device)
     ddp = _Distributed(device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise StateHubError(f"--precision {cfg.precision}: choose fp32 or bf16")
-    if not (cfg.lr_init > 0 and cfg.lr_final > 0):
-        raise StateHubError(f"--lr-init {cfg.lr_init} / --lr-final {cfg.lr_final}: both must be > 0 "
-                            "(the decay is geometric; use a small --lr-final such as 1e-4 for 'almost zero')")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise StateHubError(f"--steps {cfg.steps}: must be at least 1 (or leave it out to use --epochs)")
-    for fmt in cfg.export:
-        if fmt not in EXPORT_NAMES:
-            raise StateHubError(f"--export {fmt}: choose from {', '.join(EXPORT_NAMES)}")
-    if cfg.kernel not in KERNELS:
-        raise StateHubError(f"--kernel {cfg.kernel}: choose from {', '.join(KERNELS)}")
-    _check_memory_budget(cfg)
     use_cuda_kernels = cfg.kernel == "cuda" and device.type == "cuda"
     if use_cuda_kernels:
         cuda_wkv.load()  # build (or find) the kernels now; where they cannot run, one line says why
@@ -226,16 +356,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     run = {"step": 0, "tokens": 0, "best_val": None, "final_val": None}
     metrics: list[dict] = []
 
+    saved = {"step": None}  # the step of the last checkpoint written or resumed from: kept if a step diverges
     if resume and (out / CHECKPOINT).exists():
-        ck = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
-        if ck["config"] != asdict(cfg):
-            changed = sorted(k for k in ck["config"] if ck["config"][k] != asdict(cfg).get(k))
-            raise StateHubError(f"{out / CHECKPOINT}: made with other options ({', '.join(changed)}); "
-                                "resume with the same configuration or start a new --out")
-        learned.load_state_dict(ck["learned"])
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
-        run = ck["run"]
+        run = _resume(out / CHECKPOINT, cfg, learned, opt)
+        saved["step"] = run["step"]
         metrics = [m for m in _read_metrics(out) if m["step"] <= run["step"]]
     elif ddp.main:
         if (out / CHECKPOINT).exists() and not resume:
@@ -249,7 +373,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         if ddp.main:
             ck = {"learned": learned.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
                   "run": run, "config": asdict(cfg)}
-            atomic_write(out / CHECKPOINT, lambda p: torch.save(ck, p))
+            atomic_torch_save(out / CHECKPOINT, ck)
+        saved["step"] = run["step"]
 
     def validate() -> EvalResult | None:
         if val is None:
@@ -294,8 +419,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             for p in learned.parameters():
                 ddp.sum_(p.grad)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(learned.parameters(), cfg.grad_clip))
-            opt.step()
             loss_value = float(ddp.sum_(loss_sum)) / max(n_global, 1)
+            _stop_unless_finite(step + 1, _non_finite(loss_value, grad_norm), cfg, out, saved["step"])
+            opt.step()
+            diverged = None if _all_finite(learned, opt) else "after the update the learned state is not finite"
+            _stop_unless_finite(step + 1, diverged, cfg, out, saved["step"])
             run["step"] = step + 1
             run["tokens"] += n_inputs
             entry = {"step": run["step"], "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": run["tokens"]}
@@ -344,17 +472,89 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
 def _recompute_for_budget(model, cfg: TrainConfig) -> int:
     """How many blocks recompute their activations so that a step stays within --memory-budget (or, with
     none given, within the memory the machine has free): 0 when everything fits."""
-    _check_memory_budget(cfg)
+    cfg.validate()  # a direct caller gets the same refusal as train()
     budget = cfg.memory_budget * 2**30 if cfg.memory_budget is not None else memory.default_budget()
     if budget is None:
         return 0
     return memory.plan_recompute(model, cfg.micro_bsz, cfg.ctx_len, budget)
 
 
-def _check_memory_budget(cfg: TrainConfig) -> None:
-    """Checked before anything is loaded, and also where the budget goes unused (--grad-checkpoint, a GPU)."""
-    if cfg.memory_budget is not None and not cfg.memory_budget > 0:
-        raise StateHubError(f"--memory-budget {cfg.memory_budget}: must be a positive number of GiB")
+def _non_finite(loss: float, grad_norm: float) -> str | None:
+    """Which of a step's numbers is NaN or infinite, if one is (checked before the optimizer uses them)."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    return None
+
+
+@torch.no_grad()
+def _all_finite(learned: LearnedState | EncodedState, opt: torch.optim.Optimizer) -> bool:
+    """No NaN or infinity in the learned state, in what makes it (a state encoder) or in the optimizer's moments."""
+    made = learned()
+    tensors = [made.wkv, made.att_x, made.ffn_x, *learned.parameters()]
+    tensors += [t for s in opt.state.values() for k, t in s.items() if k != "step" and isinstance(t, torch.Tensor)]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())  # one device sync, not one each
+
+
+def _stop_unless_finite(step: int, why: str | None, cfg: TrainConfig, out: Path, saved: int | None) -> None:
+    """Stop the run before a non-finite number reaches a checkpoint or a state file."""
+    if why is None:
+        return
+    kept = (f"the last good checkpoint, {out / CHECKPOINT} (step {saved}), is kept" if saved is not None
+            else "no checkpoint had been written yet")
+    raise StateHubError(f"step {step}: {why}; stopped without saving it, {kept}. Try a lower --lr-init "
+                        f"(now {cfg.lr_init:g}) in a new --out")
+
+
+def _resume(path: Path, cfg: TrainConfig, learned: LearnedState | EncodedState, opt: torch.optim.Optimizer) -> dict:
+    """Load an interrupted run's checkpoint into `learned` and `opt`; returns its progress record. A truncated,
+    foreign or edited file gets one line naming it."""
+    ck = _read_resume_checkpoint(path)
+    if ck["config"] != asdict(cfg):
+        changed = sorted(str(k) for k in ck["config"] if ck["config"][k] != asdict(cfg).get(k))
+        raise StateHubError(f"{path}: made with other options ({', '.join(changed)[:200]}); "
+                            "resume with the same configuration or start a new --out")
+    try:
+        learned.load_state_dict(ck["learned"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise StateHubError(f"{path}: does not fit this run ({reason}); start a new --out") from None
+    for p in learned.parameters():
+        state = opt.state.get(p)
+        if state is None:  # Adam starts a parameter's moments at its first step
+            continue
+        moments = [state.get(k) for k in ("exp_avg", "exp_avg_sq")]
+        if any(not isinstance(m, torch.Tensor) or m.shape != p.shape for m in moments) or not (
+                isinstance(state.get("step"), torch.Tensor) and state["step"].numel() == 1):
+            raise StateHubError(f"{path}: the optimizer's record does not match the learned state; start a new --out")
+    if not _all_finite(learned, opt):
+        raise StateHubError(f"{path}: the learned state or the optimizer's moments are not finite; start a new --out")
+    return ck["run"]
+
+
+def _read_resume_checkpoint(path: Path) -> dict:
+    """The checkpoint's parts, each of the type train() writes (torch.load with weights_only: no code runs)."""
+    try:
+        check_torch_zip(path)  # the checkpoint reader's bounds: cost set by the file's bytes, not by numbers in it
+    except StateHubError as e:
+        raise StateHubError(f"{e}; start a new --out") from None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault
+        raise StateHubError(f"{path}: not a readable checkpoint ({_load_failure(e)}); start a new --out") from None
+    parts = {"learned": dict, "optimizer": dict, "rng": torch.Tensor, "run": dict, "config": dict}
+    if not isinstance(ck, dict) or any(not isinstance(ck.get(k), kind) for k, kind in parts.items()):
+        raise StateHubError(f"{path}: not a checkpoint of rwkv-state train (expected {', '.join(parts)}); "
+                            "start a new --out")
+    run = ck["run"]
+    counts_ok = all(type(run.get(k)) is int and 0 <= run[k] <= 2**62 for k in ("step", "tokens"))
+    losses_ok = all(run.get(k) is None or type(run.get(k)) is float for k in ("best_val", "final_val"))
+    if not (counts_ok and losses_ok):
+        raise StateHubError(f"{path}: damaged progress record (run = {_shown(run, toml=True)}); start a new --out")
+    return ck
 
 
 def _is_main_thread() -> bool:
@@ -404,6 +604,7 @@ def _to_state(
 
 def dry_run(cfg: TrainConfig) -> str:
     """Check model, tokenizer and data; describe one rendered sample and the cost. Trains nothing."""
+    cfg.validate()
     spec, _ = read_checkpoint(cfg.model)
     tokenizer = get_tokenizer(cfg.tokenizer, spec)
     data = load_dataset(cfg.data, tokenizer, cfg.ctx_len, spec.vocab_size)

@@ -430,3 +430,12 @@ ROUTES = {
     ],
     "PUT": [(r"/lfs-upload/(?P<oid>[0-9a-f]{64})", _Handler.lfs_upload)],
 }
+
+
+def copy_repo(hub: HubServer, source: str, target: str, changes: dict[str, bytes | None]) -> None:
+    """A new repo `target` holding `source`'s files with `changes` applied (None removes a path): a damaged or
+    hostile variant of a good repo, for the tests of what our readers make of it."""
+    tree = {**hub.files(source), **changes}
+    for path, data in tree.items():
+        if data is not None:
+            hub.add_file(target, path, data)

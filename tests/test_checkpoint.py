@@ -161,14 +161,12 @@ def test_half_precision_checkpoints(arch, dtype, tmp_path):
     assert spec.n_params == _n_numel(sd)
 
 
-def test_legacy_torch_save_format_loads(tmp_path):
-    """torch.save(_use_new_zipfile_serialization=False) files cannot be memory-mapped; they still load."""
-    sd = _random("v6")
+def test_legacy_torch_save_format_is_refused(tmp_path):
+    """torch.save(_use_new_zipfile_serialization=False) files allocate the storage sizes written in their pickle
+    before anything can be checked (issue 16): refused, saying how to convert them."""
     path = tmp_path / "legacy.pth"
-    torch.save(sd, path, _use_new_zipfile_serialization=False)
-    spec, loaded = read_checkpoint(path)
-    assert spec.arch == "v6"
-    assert torch.equal(loaded["emb.weight"], sd["emb.weight"])
+    torch.save(_random("v6"), path, _use_new_zipfile_serialization=False)
+    _one_line_error(path, "not a readable PyTorch checkpoint", "legacy", "re-save it with a current torch.save")
 
 
 def test_spec_from_memory_has_no_path():
@@ -395,5 +393,8 @@ def test_malicious_pickle_does_not_run(fmt, tmp_path):
         torch.save(obj, path, _use_new_zipfile_serialization=False)
     else:
         path.write_bytes(pickle.dumps(obj, protocol=2))
-    _one_line_error(path, "not a readable PyTorch checkpoint", "refused", "could run code")
+    if fmt == "torch-zip":
+        _one_line_error(path, "not a readable PyTorch checkpoint", "refused", "could run code")
+    else:  # refused before any unpickling: a pre-zip container's sizes cannot be checked
+        _one_line_error(path, "not a readable PyTorch checkpoint", "refused", "legacy")
     assert not marker.exists()

@@ -84,11 +84,17 @@ def read_config(path: Path) -> tomlkit.TOMLDocument:
         raise StateHubError(f"{path}: cannot read ({e})") from None
     except tomlkit.exceptions.ParseError as e:
         raise StateHubError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise StateHubError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def model_folder(ai00_dir: str | os.PathLike, doc: tomlkit.TOMLDocument) -> Path:
     """`[model] path`, relative to the folder Ai00 runs in."""
-    folder = Path(str((doc.get("model") or {}).get("path", DEFAULT_MODEL_FOLDER)))
+    model = doc.get("model") or {}
+    folder = model.get("path", DEFAULT_MODEL_FOLDER) if isinstance(model, dict) else None
+    if not isinstance(folder, str):
+        raise StateHubError(f"{ai00_dir}: Ai00's config has no [model] table with a path string")
+    folder = Path(folder)
     return folder if folder.is_absolute() else Path(ai00_dir) / folder
 
 

@@ -71,14 +71,22 @@ class Installed:
     notes: list[str] = field(default_factory=list)
 
 
+def _read_json(path: Path) -> object:
+    """One of Runner's own JSON files, or None where it is missing, unreadable or not JSON: Runner's files only
+    help find the model, and a broken one must not stop an install."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def models_folder(runner_dir: Path) -> Path:
     """Runner's models folder: `settings.customModelsPath` of its config.json, `models/` by default."""
     folder = DEFAULT_MODELS_FOLDER
-    try:
-        settings = json.loads((runner_dir / "config.json").read_text(encoding="utf-8")).get("settings") or {}
-        folder = settings.get("customModelsPath") or folder
-    except (OSError, ValueError, AttributeError):
-        pass
+    config = _read_json(runner_dir / "config.json")
+    settings = config.get("settings") if isinstance(config, dict) else None
+    if isinstance(settings, dict) and isinstance(settings.get("customModelsPath"), str):
+        folder = settings["customModelsPath"] or folder
     path = Path(folder)
     return path if path.is_absolute() else runner_dir / path
 
@@ -87,11 +95,9 @@ def manifest_sha256(runner_dir: Path) -> dict[tuple[str, int], str]:
     """(file name, size) -> SHA256 from Runner's manifest copies; unreadable copies are skipped."""
     known: dict[tuple[str, int], str] = {}
     for name in MANIFEST_FILES:
-        try:
-            models = json.loads((runner_dir / name).read_text(encoding="utf-8")).get("models") or []
-        except (OSError, ValueError, AttributeError):
-            continue
-        for m in models:
+        manifest = _read_json(runner_dir / name)
+        models = manifest.get("models") if isinstance(manifest, dict) else None
+        for m in models if isinstance(models, list) else []:
             if isinstance(m, dict) and isinstance(m.get("SHA256"), str) and isinstance(m.get("size"), int):
                 known.setdefault((str(m.get("name")), m["size"]), m["SHA256"].lower())
     return known
