@@ -8,7 +8,7 @@ state). Each configuration runs in a fresh process, so its peak memory (torch.cu
 is its own:
     naive       every weight requires a gradient (as RWKV-LM's state training does), full logits, torch WKV
     ours torch  the trainer's step with the project's torch (chunked) WKV: frozen weights, head in chunks
-    ours cuda   the same with the CUDA kernels in cuda/ (RWKV_STATE_HUB_WKV=cuda)
+    ours cuda   the same with the CUDA kernels of rwkv_state_hub/wkv/csrc/ (RWKV_STATE_HUB_WKV=cuda)
     fla         the same with flash-linear-attention's chunked RWKV-7 kernel (v7 only, when `fla` imports)
 MFU counts 4 x (non-embedding parameters) FLOPs per token (2 forward, 2 for the backward to the inputs:
 frozen weights need no weight gradient) against this GPU's bf16 matmul, measured in the same run, and

@@ -21,7 +21,7 @@ from rwkv_state_hub.toolbox import mix
 from rwkv_state_hub.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
 DATA = REPO / "examples" / "data"
 
 

@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--scales", default="0.01,0.03,0.1")
     args = ap.parse_args()
-    base = dict(model=str(REPO / "examples/models/tiny-rwkv-5v2-730K.pth"),
+    base = dict(model=str(REPO / "rwkv_state_hub/examples/models/tiny-rwkv-5v2-730K.pth"),
                 data=[str(REPO / "examples/data/train.jsonl")], val_data=[str(REPO / "examples/data/val.jsonl")],
                 steps=args.steps, micro_bsz=8, seed=1, val_every=args.steps, save_every=args.steps)
     runs = [("plain state", {})] + [(f"encoder, lr scale {s}", {"state_encoder": True, "encoder_lr_scale": float(s)})

@@ -360,7 +360,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=REPO / "runs" / "pretrain-data",
                    help="extracted text, DIR/pretrain/STYLE/{train,val}.txt and DIR/states/STYLE/...; built from "
                         "the installed packages of examples/pretrain/sources.toml when DIR/pretrain is missing")
-    p.add_argument("--out", type=Path, help="the model file (default examples/models/rwkv7-example-L<n>-D<c>.pth)")
+    p.add_argument("--out", type=Path,
+                   help="the model file (default rwkv_state_hub/examples/models/rwkv7-example-L<n>-D<c>.pth)")
     p.add_argument("--run-dir", type=Path, help="checkpoint, loss log, summary (default runs/pretrain/<model>)")
     p.add_argument("--tiny", action="store_true", help=f"a tiny shape for quick checks: {TINY}")
     for f in fields(Config):
@@ -396,7 +397,7 @@ def pretrain(args: argparse.Namespace) -> int:
         build_data(args.data_dir)
     styles = {role: load_styles(args.data_dir, role) for role in ("pretrain", "states")}
     sources = describe_data(args.data_dir, styles)
-    out = args.out or REPO / "examples" / "models" / f"rwkv7-example-L{cfg.n_layer}-D{cfg.n_embd}.pth"
+    out = args.out or REPO / "rwkv_state_hub/examples/models" / f"rwkv7-example-L{cfg.n_layer}-D{cfg.n_embd}.pth"
     run = Run(cfg, args.run_dir or REPO / "runs" / "pretrain" / out.stem,
               {name: style_sha256(args.data_dir / "pretrain" / name) for name in styles["pretrain"]})
     run.folder.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RS=.venv/bin/rwkv-state
-MODEL=examples/models/tiny-rwkv-5v2-730K.pth
+MODEL=rwkv_state_hub/examples/models/tiny-rwkv-5v2-730K.pth
 rm -rf runs/example
 $RS train --config examples/train.toml
 echo

@@ -1,5 +1,5 @@
-"""Text from the `rwkv` pip package token by token: sampling with penalties, and conversations that carry
-their own recurrent state. The logic behind the demo page, with no UI in it.
+"""Text from the `rwkv` pip package token by token, and conversations that carry their own recurrent state.
+The logic behind the demo page, with no UI in it; the sampler is generate's, the chat template prompt_format's.
 
 A chat turn feeds only the new words (`User: ...\\n\\nAssistant:`) into the state the conversation was left
 in, never the history again: that is what an RNN is for, and what makes a long chat cost the same per turn.
@@ -7,8 +7,6 @@ in, never the history again: that is what an RNN is for, and what makes a long c
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,58 +15,13 @@ from torch import Tensor
 
 from .checkpoint import ModelSpec
 from .errors import StateHubError
-from .generate import sample_token
+from .generate import DEFAULT_SAMPLING, Sampler, Sampling
 from .pip_bridge import pip_state
+from .prompt_format import TURN_END, clean_turn, turn_prompt
 from .state import State
 from .tokenizer import Tokenizer
 
-TURN_END = "\n\n"  # the World chat format separates turns with a blank line
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to pick each token. temperature 0 = greedy; the penalties subtract
-    presence + frequency x count from the logit of every token already produced in this reply."""
-
-    temperature: float = 1.0
-    top_p: float = 0.85
-    max_tokens: int = 100
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.temperature <= 10:
-            raise StateHubError(f"temperature {self.temperature}: expected 0 (greedy) to 10")
-        if not 0 <= self.top_p <= 1:
-            raise StateHubError(f"top-p {self.top_p}: expected 0 to 1")
-        if not 1 <= self.max_tokens <= 4096:
-            raise StateHubError(f"max tokens {self.max_tokens}: expected 1 to 4096")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -5 <= getattr(self, name) <= 5:
-                raise StateHubError(f"{name.replace('_', ' ')} {getattr(self, name)}: expected -5 to 5")
-
-
-class Sampler:
-    """One column's sampling for one reply: its own random generator, and the counts behind the penalties."""
-
-    def __init__(self, sampling: Sampling) -> None:
-        self.sampling = sampling
-        self.generator = torch.Generator().manual_seed(int(sampling.seed))
-        self.counts: Counter[int] = Counter()
-
-    def __call__(self, logits: Tensor) -> int:
-        s = self.sampling
-        logits = logits.float().cpu()
-        if self.counts and (s.presence_penalty or s.frequency_penalty):
-            ids = torch.tensor(list(self.counts))
-            seen = torch.tensor(list(self.counts.values()), dtype=torch.float32)
-            logits = logits.clone()
-            logits[ids] -= s.presence_penalty + s.frequency_penalty * seen
-        token = sample_token(logits, s.temperature, s.top_p, self.generator)
-        self.counts[token] += 1
-        return token
 
 
 def parse_strategy(strategy: str) -> tuple[str, torch.dtype]:
@@ -103,7 +56,7 @@ class PipRunner:
         logits, state = self.model.forward(tokens, [t.clone() for t in state])
         return logits, state
 
-    def stream(self, logits: Tensor, state: list[Tensor], sampling: Sampling,
+    def stream(self, logits: Tensor, state: list[Tensor], sampling: Sampling = DEFAULT_SAMPLING,
                stop: str | None = None) -> Iterator[tuple[str, list[Tensor]]]:
         """Yield (text so far, state after it) after each token, up to max_tokens, the end-of-document token
         or `stop`. Every token produced is also read into the state, so the state always holds the text."""
@@ -122,25 +75,13 @@ class PipRunner:
             if stop and stop in text:
                 return
 
-    def complete(self, prompt: str, state: State | None, sampling: Sampling) -> Iterator[str]:
+    def complete(self, prompt: str, state: State | None,
+                 sampling: Sampling = DEFAULT_SAMPLING) -> Iterator[str]:
         """Continue `prompt` from `state` (None: the base model): the new text after each token."""
         logits, st = self.feed(prompt, self.initial(state))
         yield ""
         for text, _ in self.stream(logits, st, sampling):
             yield text
-
-
-def clean_message(message: str) -> str:
-    """A user message as the World chat format needs it: no blank lines inside (a blank line ends a turn)."""
-    text = message.replace("\r\n", "\n").strip()
-    return re.sub(r"\n\s*\n+", "\n", text)
-
-
-def turn_prompt(message: str, after_reply: str | None) -> str:
-    """What one user turn feeds into the state: the blank line the last reply lacked (when it was cut off
-    before it), then `User: ...\\n\\nAssistant:`."""
-    sep = "" if after_reply is None or after_reply.endswith(TURN_END) else TURN_END
-    return f"{sep}User: {clean_message(message)}{TURN_END}Assistant:"
 
 
 @dataclass
@@ -151,10 +92,11 @@ class Conversation:
     transcript: str = ""
     last_reply: str | None = field(default=None, repr=False)  # raw, as generated (stop included)
 
-    def turn(self, runner: PipRunner, initial: State | None, message: str, sampling: Sampling) -> Iterator[str]:
+    def turn(self, runner: PipRunner, initial: State | None, message: str,
+             sampling: Sampling = DEFAULT_SAMPLING) -> Iterator[str]:
         """Feed the new user turn into this conversation's state and stream the reply (up to the blank line
         that ends it); the state keeps the reply, and the next turn continues from there."""
-        if not clean_message(message):
+        if not clean_turn(message):
             raise StateHubError("the message is empty")
         prompt = turn_prompt(message, self.last_reply)
         start = self.state if self.state is not None else runner.initial(initial)

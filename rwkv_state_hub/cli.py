@@ -31,7 +31,8 @@ class _Group(click.Group):
 
 
 class _ModelPath(click.ParamType):
-    """A base model .pth: a local path, or hf://owner/repo/file.pth (downloaded through huggingface_hub's cache)."""
+    """A base model .pth: a local path, or hf://owner/repo/file.pth (hub.resolve_model, the one place that
+    tells the two apart, downloads it through huggingface_hub's cache)."""
 
     name = "model"
 
@@ -39,7 +40,7 @@ class _ModelPath(click.ParamType):
         from .hub import resolve_model
 
         try:
-            return str(resolve_model(value)) if str(value).startswith("hf://") else value
+            return str(resolve_model(value))
         except StateHubError as e:
             self.fail(str(e), param, ctx)
 
@@ -59,6 +60,23 @@ class _Finite(click.FloatRange):
 
 COUNT = click.IntRange(1, 2**31 - 1)  # a count or a length: at least one, and within what torch indexes
 SEED = click.IntRange(0, 2**32 - 1)
+
+
+def _sampling_options(f):
+    """--temperature, --top-p, --max-tokens, --presence-penalty, --frequency-penalty, --seed: generate.Sampling's
+    settings, with its defaults (DEFAULT_SAMPLING, the demo's too) and its bounds (generate.LIMITS)."""
+    from .generate import DEFAULT_SAMPLING, LIMITS
+
+    helps = {"temperature": "0 = greedy (over the penalised logits).", "top_p": "Keep the likeliest tokens up to "
+             "this probability.", "presence_penalty": "Subtracted from the logit of each token already in the reply.",
+             "frequency_penalty": "Subtracted from a logit once per time its token is in the reply.", "seed": "",
+             "max_tokens": ""}
+    for name in reversed(LIMITS):
+        low, high = LIMITS[name]
+        kind = click.IntRange(low, high) if name in ("max_tokens", "seed") else _Finite(low, high)
+        f = click.option(f"--{name.replace('_', '-')}", type=kind, default=getattr(DEFAULT_SAMPLING, name),
+                         show_default=True, help=helps[name])(f)
+    return f
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -254,15 +272,15 @@ def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, 
 @click.option("--model", required=True, type=MODEL_PATH, help="Base model .pth (or hf://owner/repo/file.pth).")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), help="A state: shown beside the base model.")
 @click.option("--prompt", default="", help="Text to continue.")
-@click.option("--max-tokens", type=COUNT, default=80, show_default=True)
-@click.option("--temperature", type=_Finite(min=0), default=1.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=_Finite(0, 1), default=0.85, show_default=True)
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--samples", type=COUNT, default=1, show_default=True, help="Continuations of each.")
+@_sampling_options
+@click.option("--samples", type=COUNT, default=1, show_default=True,
+              help="Continuations of each (seeds SEED, SEED+1, ...).")
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
 @click.option("--force", is_flag=True, help="Use a state made for another base model anyway.")
-def generate(model, state_path, prompt, max_tokens, temperature, top_p, seed, samples, tokenizer, force) -> None:
-    """Continue a prompt with the base model and, with --state, with the tuned state, side by side."""
+def generate(model, state_path, prompt, samples, tokenizer, force, **sampling) -> None:
+    """Continue a prompt with the base model and, with --state, with the tuned state, side by side.
+    The sampling defaults are the demo page's: the same seed and settings give the same text."""
+    from .generate import DEFAULT_SAMPLING
     from .generate import generate as run
     from .model import load_model
     from .tokenizer import get_tokenizer
@@ -277,11 +295,12 @@ def generate(model, state_path, prompt, max_tokens, temperature, top_p, seed, sa
     if not prompt:
         raise StateHubError("--prompt is empty: a model reads one token before it predicts one")
     tok.encode(prompt)  # text that is not valid Unicode fails here, before any output
+    settings = DEFAULT_SAMPLING.but(**sampling)
     columns = [("base model", None)] + ([(f"state {state_path}", state)] if state else [])
     for name, st in columns:
         click.echo(f"--- {name}")
         for i in range(samples):
-            text = run(m, tok, prompt, st, max_tokens, temperature, top_p, seed + i)
+            text = run(m, tok, prompt, st, settings.but(seed=(settings.seed + i) % 2**32))
             click.echo(f"{prompt}{text}".replace("\n", "\n    ") if samples == 1 else f"[{i + 1}] {prompt}{text}")
 
 
@@ -338,8 +357,9 @@ def mix(states, weights, output) -> None:
 @click.option("--png", type=click.Path(dir_okay=False), help="Also save the table as a heatmap PNG.")
 def diff(a, b, png) -> None:
     """Per-layer, per-head relative difference ||A - B|| / max(||A||, ||B||) of two states."""
+    from .plot import save_heatmap
     from .toolbox import diff as run
-    from .toolbox import diff_table, save_heatmap
+    from .toolbox import diff_table
 
     d = run(load_state(a), load_state(b))
     click.echo(diff_table(d))
@@ -443,7 +463,8 @@ def bench(arch, ctx, steps, configs) -> None:
 
 
 @cli.command()
-@click.option("--model", required=True, help="Base model .pth (or hf://owner/repo/file.pth).")
+@click.option("--model", help="Base model .pth (or hf://owner/repo/file.pth).  [default: the bundled example "
+                              "model, with the bundled states when --states is not given]")
 @click.option("--states", "states", multiple=True,
               help="A state file, a folder of them, or a Hub repo (owner/name). Repeatable.")
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
@@ -455,7 +476,10 @@ def bench(arch, ctx, steps, configs) -> None:
 def demo(model, states, tokenizer, strategy, host, port, share, concurrency) -> None:
     """The web page: the base model and a state side by side (chat, completion, inspect, bake, upload)."""
     from .demo import create_demo, launch_demo
+    from .examples import example_model, example_states
 
+    if model is None:  # the bundled example, with the states made for it: a page that works from any folder
+        model, states = str(example_model()), states or (str(example_states()),)
     page = create_demo(model, list(states), tokenizer=tokenizer, strategy=strategy, concurrency=concurrency)
     for note in page.engine.skipped:
         click.echo(f"not offered: {note}", err=True)

@@ -35,12 +35,12 @@ import torch
 
 from .errors import StateHubError
 from .files import atomic_write
+from .prompt_format import ROLES, Message, chat_segments, clean_turn, instruction_segments
 from .tokenizer import Tokenizer, lone_surrogate
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt",)
 BINIDX_SUFFIXES = (".bin", ".idx")
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 ACCEPTED = ('{"text": str}, {"messages": [{"role", "content"}, ...]}, {"prompt", "response"}, '
             '{"instruction", "input" (optional), "output"}, {"tokens": [ids], "mask": [0/1]}')
 
@@ -104,48 +104,32 @@ def collate(samples: list[Sample]) -> Batch:
     return Batch(inputs, targets, loss_mask, mask, int(loss_mask.sum().item()))
 
 
-# ---------------------------------------------------------------- chat rendering
+# ---------------------------------------------------------------- chat records (the template: prompt_format)
 
 
-def clean_turn(text: str) -> str:
-    """A blank line ends a turn in the World chat format, so none may appear inside one."""
-    return re.sub(r"\n\s*\n", "\n", text.replace("\r\n", "\n")).strip()
-
-
-def chat_segments(messages: object, where: str = "messages") -> list[tuple[str, bool]]:
-    """World chat format as (text, trained) pieces: "Role: content" turns, each followed by "\\n\\n".
-
-    Of an assistant turn only " <content>\\n\\n" is trained: the model is given "Assistant:" at inference,
-    and must learn to write the answer and to end it with a blank line.
-    """
+def _chat_messages(messages: object, where: str = "messages") -> list[Message]:
+    """A "messages" value checked as training data: role and content strings, at least one assistant turn,
+    none of them empty. The text it renders to is prompt_format's, the same that generation sends."""
     if not isinstance(messages, list):
         raise StateHubError(f'{where}: "messages" must be a list, found {_kind(messages)}')
-    segments: list[tuple[str, bool]] = []
+    checked: list[Message] = []
     for j, message in enumerate(messages):
         at = f"{where}: messages[{j}]"
         if not isinstance(message, dict):
             raise StateHubError(f"{at} must be an object with role and content, found {_kind(message)}")
         role = message.get("role")
-        if role not in ROLES:
-            raise StateHubError(f"{at}: role must be one of system, user, assistant, found {role!r}")
+        if not isinstance(role, str) or role not in ROLES:
+            found = repr(role)[:40] if isinstance(role, str) else _kind(role)
+            raise StateHubError(f"{at}: role must be one of system, user, assistant, found {found}")
         content = message.get("content")
         if not isinstance(content, str):
             raise StateHubError(f'{at}: "content" must be a string, found {_kind(content)}')
-        content = clean_turn(content)
-        if role == "assistant":
-            if not content:
-                raise StateHubError(f"{at}: the assistant turn is empty, nothing to train on")
-            segments += [(f"{ROLES[role]}:", False), (f" {content}\n\n", True)]
-        else:
-            segments.append((f"{ROLES[role]}: {content}\n\n", False))
-    if not any(trained for _, trained in segments):
+        if role == "assistant" and not clean_turn(content):
+            raise StateHubError(f"{at}: the assistant turn is empty, nothing to train on")
+        checked.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in checked):
         raise StateHubError(f"{where}: no assistant turn, nothing to train on")
-    return segments
-
-
-def render_chat(messages: list[dict]) -> str:
-    """The exact text a messages sample is trained on."""
-    return "".join(text for text, _ in chat_segments(messages))
+    return checked
 
 
 def _answer_segments(obj: dict, where: str) -> list[tuple[str, bool]]:
@@ -154,13 +138,12 @@ def _answer_segments(obj: dict, where: str) -> list[tuple[str, bool]]:
         prompt, response = (_string_field(obj, key, where) for key in ("prompt", "response"))
         if not response:
             raise StateHubError(f'{where}: "response" is empty, nothing to train on')
-        return [(f"User: {prompt}\n\nAssistant:", False), (f" {response}\n\n", True)]
+        return chat_segments([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
     instruction, output = (_string_field(obj, key, where) for key in ("instruction", "output"))
     given = _string_field(obj, "input", where) if obj.get("input") is not None else ""
     if not output:
         raise StateHubError(f'{where}: "output" is empty, nothing to train on')
-    prompt = f"Instruction: {instruction}\n\n" + (f"Input: {given}\n\n" if given else "") + "Response:"
-    return [(prompt, False), (f" {output}\n\n", True)]
+    return instruction_segments(instruction, given, output)
 
 
 def _string_field(obj: dict, key: str, where: str) -> str:
@@ -205,7 +188,7 @@ def _record(obj: object, tokenizer: Tokenizer, where: str) -> tuple[list[int], l
     if not isinstance(obj, dict):
         raise StateHubError(f"{where}: expected a JSON object, found {_kind(obj)}")
     if "messages" in obj:
-        return encode_segments(chat_segments(obj["messages"], where), tokenizer)
+        return encode_segments(chat_segments(_chat_messages(obj["messages"], where)), tokenizer)
     if "tokens" in obj or isinstance(obj.get("text"), list):
         return _given_tokens(obj, where)
     if "text" in obj:

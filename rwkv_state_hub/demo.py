@@ -20,17 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .chat import Conversation, PipRunner, Sampling, side_by_side
+from .chat import Conversation, PipRunner, side_by_side
 from .checkpoint import read_spec
 from .errors import StateHubError
+from .examples import example_model, example_states
 from .files import os_reason
 from .formats import export_state, load_state
+from .generate import DEFAULT_SAMPLING, Sampling
 from .pip_bridge import load_pip_model
+from .plot import NORM_SCALE, draw_heatmap, save_heatmap
 from .state import State
 from .tokenizer import get_tokenizer
-from .toolbox import bake, diff, diff_table, save_heatmap
+from .toolbox import bake, diff, diff_table
 
 MAX_UPLOAD_BYTES = 64 << 20
 MAX_SCAN_BYTES = 512 << 20  # larger files in a --states folder are models, not states: not even opened
@@ -41,10 +42,8 @@ SESSION_TTL_S = 3600
 MAX_OWN_STATES = 8  # uploaded and baked states a session keeps (up to 64 MB each): the oldest goes first
 SCRATCH_TTL_S = 600  # a request's files, once Gradio has copied them to its own cache (when it answers)
 STATE_SUFFIXES = (".safetensors", ".pth", ".pt", ".st", ".state")
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
-EXAMPLE_STATES = REPO / "examples" / "states"
-DEFAULT_SAMPLING = Sampling(temperature=1.0, top_p=0.3, max_tokens=80, presence_penalty=0.3, frequency_penalty=0.3)
+EXAMPLE_MODEL = example_model()
+EXAMPLE_STATES = example_states()
 NO_STATE = "(none)"
 # every Markdown component that shows text from files, the Hub or a visitor: Gradio's HTML sanitizer on (its
 # default, said here so that it stays on), and no LaTeX, which a stranger's "$$...$$" would otherwise typeset
@@ -72,7 +71,9 @@ class DemoEngine:
     def __init__(self, model: str | os.PathLike, states: list[str] | tuple[str, ...] = (), *,
                  tokenizer: str | None = None, strategy: str = "cpu fp32",
                  max_upload_bytes: int = MAX_UPLOAD_BYTES, prompts: list[str] | None = None) -> None:
-        self.model_path = _resolve_model(str(model))
+        from .hub import resolve_model
+
+        self.model_path = resolve_model(model)
         self.spec = read_spec(self.model_path)
         self.tokenizer = get_tokenizer(tokenizer, self.spec)
         self.strategy = strategy
@@ -242,12 +243,12 @@ class DemoEngine:
     def inspect(self, a: str | None, b: str | None, session: dict) -> tuple[Any, str | None, str]:
         """Per-layer, per-head norms of state A as a heatmap; with B, the diff heatmap and its table."""
         sa = self.lookup(a, session).state
-        image = norm_heatmap(sa.wkv.flatten(2).norm(dim=-1), f"norm of each head's state: {a}")
+        image = draw_heatmap(sa.wkv.flatten(2).norm(dim=-1), f"norm of each head's state: {a}", NORM_SCALE)
         if not b or b == NO_STATE:
             return image, None, "Pick a second state to compare."
         d = diff(sa, self.lookup(b, session).state)
         path = self._scratch("diff-") / "diff.png"
-        save_heatmap(d, path, cell=max(10, min(36, 440 // d.shape[1])))
+        save_heatmap(d, path, "||A - B|| / max(||A||, ||B||) of each head's state")
         return image, str(path), f"A = {a}\nB = {b}\n||A - B|| / max(||A||, ||B||):\n\n{diff_table(d)}"
 
     def _scratch(self, prefix: str) -> Path:
@@ -269,14 +270,6 @@ class DemoEngine:
             if self._workdir is not None:
                 self._workdir.cleanup()
                 self._workdir = None
-
-
-def _resolve_model(model: str) -> Path:
-    if model.startswith("hf://"):
-        from .hub import resolve_model
-
-        return resolve_model(model)
-    return Path(model)
 
 
 def _unique(label: str, taken: list[str]) -> str:
@@ -352,31 +345,6 @@ def describe_state(offered: Offered) -> str:
     return "\n".join(lines)
 
 
-def norm_heatmap(values: torch.Tensor, title: str, width: int = 560):
-    """A [layers, heads] table of non-negative values as a PIL image: white = 0, dark blue = the largest."""
-    from PIL import Image, ImageDraw
-
-    L, H = values.shape
-    cell = max(4, min(40, (width - 50) // H))
-    row = max(4, min(22, 420 // L))
-    left, top = 34, 50
-    img = Image.new("RGB", (max(left + H * cell + 10, 460), top + L * row + 10), "white")
-    draw = ImageDraw.Draw(img)
-    vmax = float(values.max()) or 1.0
-    draw.text((left, 6), title[:70], fill=(40, 40, 40))
-    draw.text((left, 20), "layers down, heads across", fill=(90, 90, 90))
-    draw.text((left, 34), f"white = 0, dark blue = {vmax:.4g}", fill=(90, 90, 90))
-    for i in range(L):
-        if row >= 10 or i % 4 == 0:
-            draw.text((6, top + i * row + max(0, row // 2 - 6)), str(i), fill=(40, 40, 40))
-        for h in range(H):
-            v = float(values[i, h]) / vmax
-            colour = (int(255 * (1 - v)), int(255 * (1 - 0.8 * v)), int(255 - 110 * v))
-            draw.rectangle([left + h * cell, top + i * row, left + (h + 1) * cell - 1, top + (i + 1) * row - 1],
-                           fill=colour)
-    return img
-
-
 # ---------------------------------------------------------------- the page
 
 
@@ -384,7 +352,7 @@ def _sampling(temperature, top_p, max_tokens, presence, frequency, seed) -> Samp
     try:
         return Sampling(float(temperature), float(top_p), int(max_tokens), float(presence), float(frequency),
                         int(seed or 0))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # int() of nan, inf or text
         raise StateHubError(f"bad sampling setting: {e}") from None
 
 

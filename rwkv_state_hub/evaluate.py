@@ -82,6 +82,32 @@ def evaluate(
     return EvalResult(total / max(n, 1), correct / max(n, 1), n)
 
 
+POSITION_EDGES = (0, 16, 64, 256)  # buckets [0, 16), [16, 64), [64, 256), [256, ...) of tokens already read
+
+
+@torch.no_grad()
+def loss_by_position(
+    model: RWKV, samples: Dataset | list[Sample], state: RecurrentState | None = None,
+    edges: tuple[int, ...] = POSITION_EDGES,
+) -> list[tuple[str, float, int]]:
+    """(bucket, mean loss per trained token, tokens) by how far into its sample a token is: how long a
+    state's effect lasts. A state that only sets the first few tokens gains in the first bucket alone."""
+    sums = torch.zeros(len(edges), dtype=torch.float64)
+    counts = torch.zeros(len(edges), dtype=torch.float64)
+    bounds = torch.tensor(edges)
+    for sample in samples:
+        batch = collate([sample])
+        hidden, _ = model.hidden(batch.inputs, state, batch.mask)
+        nll = F.cross_entropy(linear(hidden, model.head)[0].float(), batch.targets[0], reduction="none")
+        weight = batch.loss_mask[0].double()
+        bucket = torch.searchsorted(bounds, torch.arange(len(nll)), right=True) - 1
+        sums.index_add_(0, bucket, nll.double() * weight)
+        counts.index_add_(0, bucket, weight)
+    names = [f"{a}-{b}" for a, b in zip(edges, edges[1:], strict=False)] + [f"{edges[-1]}+"]
+    return [(name, float(sums[i] / counts[i]) if counts[i] else float("nan"), int(counts[i]))
+            for i, name in enumerate(names)]
+
+
 def compare(
     model_path: str,
     data: list[str],

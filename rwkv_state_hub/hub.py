@@ -104,11 +104,17 @@ def parse_hf_url(text: str) -> HubFile | None:
 
 
 def resolve_model(model: str | os.PathLike, *, token: str | None = None, endpoint: str | None = None) -> Path:
-    """A local path for a base model: as given, or downloaded through huggingface_hub's cache (hf://)."""
+    """A local path for a base model: as given, or downloaded through huggingface_hub's cache (hf://).
+    The one place that tells a model's two kinds of name apart: the CLI's --model, a --config file's model,
+    the demo and the plugins all come through here."""
+    if not isinstance(model, str | os.PathLike):
+        raise StateHubError(f"model {str(model)[:40]!r}: expected a .pth path or hf://owner/repo/file.pth, "
+                            f"found {type(model).__name__}")
     endpoint = _endpoint(endpoint)
-    hub_file = parse_hf_url(str(model))
+    text = os.fsdecode(model)
+    hub_file = parse_hf_url(text)
     if hub_file is None:
-        return Path(model)
+        return Path(text)
     with _hub_errors(hub_file.repo_id, token, hub_file.path):
         return Path(hf_hub_download(hub_file.repo_id, hub_file.path, revision=hub_file.revision, token=token,
                                     endpoint=endpoint))

@@ -1,9 +1,13 @@
-"""A loss-curve PNG drawn with Pillow alone (no plotting library to install)."""
+"""Every picture we draw, with Pillow alone (no plotting library to install): the loss curve of a run, and the
+[layers, heads] heatmaps of `rwkv-state diff --png` and the demo's inspector."""
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
+import torch
 from PIL import Image, ImageDraw
 
 from .files import atomic_write
@@ -47,4 +51,59 @@ def plot_losses(metrics: list[dict], path: str | os.PathLike, title: str = "stat
     d.text((W // 2 - 20, H - 20), "step", fill=AXIS)
     d.text((W - 220, 12), "train loss", fill=TRAIN)
     d.text((W - 120, 12), "val loss", fill=VAL)
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
+
+
+# ---------------------------------------------------------------- heatmaps: one value per layer and head
+
+NONFINITE_GREY = (150, 150, 150)  # a head whose value is NaN or inf
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """White at 0, `full` at `top` and above; top None: the largest finite value drawn."""
+
+    full: tuple[int, int, int]
+    name: str
+    top: float | None = None
+
+    def colour(self, value: float, top: float) -> tuple[int, int, int]:
+        if not math.isfinite(value):
+            return NONFINITE_GREY
+        v = min(max(value / top, 0.0), 1.0)
+        return tuple(round(255 - v * (255 - c)) for c in self.full)  # type: ignore[return-value]
+
+
+DIFF_SCALE = ColourScale((165, 0, 0), "dark red", top=1.0)  # a relative difference: 1 = as different as can be
+NORM_SCALE = ColourScale((0, 51, 145), "dark blue")  # norms: dark blue = the largest
+
+
+def draw_heatmap(values: torch.Tensor, title: str, scale: ColourScale = DIFF_SCALE, width: int = 560,
+                 height: int = 420) -> Image.Image:
+    """A [layers, heads] table of non-negative values as a picture about `width` x `height`: layers down,
+    heads across, NaN and inf in grey."""
+    L, H = values.shape
+    finite = values[torch.isfinite(values)]
+    top = scale.top or (float(finite.max()) if finite.numel() else 0.0) or 1.0
+    cell, row = max(4, min(40, (width - 50) // H)), max(4, min(22, height // L))
+    left, top_y = 34, 50
+    img = Image.new("RGB", (max(left + H * cell + 10, 460), top_y + L * row + 10), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 6), title[:70], fill=AXIS)
+    draw.text((left, 20), "layers down, heads across", fill=(90, 90, 90))
+    clamped = "+" if scale.top is not None else ""
+    draw.text((left, 34), f"white = 0, {scale.name} = {top:.4g}{clamped}, grey = NaN or inf", fill=(90, 90, 90))
+    for i in range(L):
+        if row >= 10 or i % 4 == 0:
+            draw.text((6, top_y + i * row + max(0, row // 2 - 6)), str(i), fill=AXIS)
+        for h in range(H):
+            box = [left + h * cell, top_y + i * row, left + (h + 1) * cell - 1, top_y + (i + 1) * row - 1]
+            draw.rectangle(box, fill=scale.colour(float(values[i, h]), top))
+    return img
+
+
+def save_heatmap(values: torch.Tensor, path: str | os.PathLike,
+                 title: str = "relative difference of each head's state", scale: ColourScale = DIFF_SCALE) -> None:
+    """draw_heatmap, written as a PNG (atomically: a reader never sees half a file)."""
+    img = draw_heatmap(values, title, scale)
     atomic_write(path, lambda p: img.save(p, format="PNG"))

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from .errors import StateHubError
-from .files import atomic_write
 from .model import RWKV
 from .state import State
 from .tokenizer import Tokenizer
-
-NONFINITE_GREY = (150, 150, 150)
 
 
 @torch.no_grad()
@@ -91,27 +87,3 @@ def diff_table(d: torch.Tensor) -> str:
         more = "  ..." if H > show else ""
         rows.append(f"{i:>5} {cells}{more}  {float(d[i].mean()):5.3f}  {float(d[i].max()):5.3f}")
     return "\n".join(rows)
-
-
-def save_heatmap(d: torch.Tensor, path: str | os.PathLike, cell: int = 24) -> None:
-    """The diff as a PNG: white = equal, dark red = as different as can be; layers down, heads across."""
-    from PIL import Image, ImageDraw
-
-    L, H = d.shape
-    left, top = 40, 30
-    img = Image.new("RGB", (left + H * cell + 10, top + L * cell + 10), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((left, 8), "relative difference per head (0 white .. 1+ dark red; grey: NaN or inf)",
-              fill=(40, 40, 40))
-    for i in range(L):
-        draw.text((8, top + i * cell + 6), str(i), fill=(40, 40, 40))
-        for h in range(H):
-            v = float(d[i, h])
-            if math.isfinite(v):
-                v = min(v, 1.0)
-                colour = (255 - int(90 * v), int(255 * (1 - v)), int(255 * (1 - v)))
-            else:  # a state with NaN or inf in this head
-                colour = NONFINITE_GREY
-            draw.rectangle([left + h * cell, top + i * cell, left + (h + 1) * cell - 1, top + (i + 1) * cell - 1],
-                           fill=colour)
-    atomic_write(path, lambda p: img.save(p, format="PNG"))

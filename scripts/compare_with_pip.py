@@ -65,7 +65,8 @@ def main() -> None:
         suffix = name.removeprefix("tiny-rwkv-")
         cpp = SHARED / f"expected-logits-{suffix}.bin"
         compare(path, list(TEXT.encode(enc))[:96], name, cpp)
-    compare(REPO / "examples/models/tiny-rwkv-7v0-834K.pth", list(TEXT.encode())[:96], "bundled example (v7)")
+    bundled = REPO / "rwkv_state_hub/examples/models/tiny-rwkv-7v0-834K.pth"
+    compare(bundled, list(TEXT.encode())[:96], "bundled example (v7)")
     with tempfile.TemporaryDirectory() as tmp:
         for i, arch in enumerate(("v5.2", "v6", "v7")):
             path = Path(tmp) / f"random-{arch}.pth"

@@ -14,7 +14,7 @@ from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = REPO.parent / "shared" / "models"
-EXAMPLE_MODEL = REPO / "examples" / "models" / "tiny-rwkv-7v0-834K.pth"
+EXAMPLE_MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-7v0-834K.pth"
 
 # name, architecture, text encoding of its byte vocabulary
 REAL_MODELS = [

@@ -15,7 +15,7 @@ from rwkv_state_hub.errors import StateHubError
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
-EXAMPLE_MODEL = Path(__file__).resolve().parents[1] / "examples" / "models" / "tiny-rwkv-7v0-834K.pth"
+EXAMPLE_MODEL = Path(__file__).resolve().parents[1] / "rwkv_state_hub/examples/models/tiny-rwkv-7v0-834K.pth"
 
 # file, arch, n_head, head_size, n_ffn, sha256. All three: 12 layers, n_embd 64, vocab 256, float32.
 # (shared/models/README.md lists ffn 224 for the v5.2 model, but the file's ffn.key.weight is [256, 64].)

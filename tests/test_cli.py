@@ -30,6 +30,7 @@ def test_version_and_help():
         assert r.exit_code == 0 and "Usage:" in r.output
 
 
+@pytest.mark.slow
 def test_info_on_the_bundled_checkpoint_as_json():
     r = run("info", str(EXAMPLE_MODEL), "--json")
     assert r.returncode == 0, r.stderr
@@ -55,6 +56,7 @@ def test_info_on_a_state(state_file, random_models):
     assert d["metadata"]["base_model_sha256"] == read_spec(random_models["v6"]).sha256
 
 
+@pytest.mark.slow
 def test_check_accepts_the_right_model_and_refuses_another(state_file, random_models):
     ok = run("check", str(state_file), "--model", str(random_models["v6"]))
     assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stderr
@@ -65,6 +67,7 @@ def test_check_accepts_the_right_model_and_refuses_another(state_file, random_mo
     assert len(lines) == 1 and str(state_file) in lines[0] and "v7" in lines[0]
 
 
+@pytest.mark.slow
 def test_check_refuses_a_same_shape_model_by_hash(state_file, random_models, tmp_path):
     """A model of the same shape but another file (here: other weights) has another sha256."""
     from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
@@ -77,6 +80,7 @@ def test_check_refuses_a_same_shape_model_by_hash(state_file, random_models, tmp
     assert forced.returncode == 0 and "warning:" in forced.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "pth", "ai00", "merged"])
 def test_export_every_format(state_file, random_models, tmp_path, fmt):
     out = tmp_path / f"out.{fmt}"
@@ -98,6 +102,7 @@ def test_export_merged_refuses_v7(tmp_path, random_models):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00not a checkpoint" * 10)

@@ -1,11 +1,9 @@
 """The README's per-consumer examples, run exactly as written: the `rwkv` pip package v5/v6 (merged file, state
 list) and v7 (state list through `pip_state`) give our model's logits from the same state; the Runner and Ai00
-commands run as shown. Also: every package folder ships (plugins/ is mapped into the package as
-rwkv_state_hub.plugins, which packages.find cannot do)."""
+commands run as shown. Also: every package folder ships (packages.find finds them all, plugins included)."""
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import sys
@@ -61,7 +59,7 @@ SNIPPETS = {"v5.2": [PIP_MERGED, PIP_STATE_LIST], "v6": [PIP_MERGED, PIP_STATE_L
 
 
 def model_path(name: str) -> Path:
-    bundled = REPO / "examples" / "models" / f"{name}.pth"
+    bundled = REPO / "rwkv_state_hub" / "examples" / "models" / f"{name}.pth"
     return bundled if bundled.exists() else real_model_path(name)
 
 
@@ -86,6 +84,7 @@ def run_cli(command: str) -> str:
     return result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arch,encoding", REAL_MODELS, ids=[a for _, a, _ in REAL_MODELS])
 def test_pip_snippets_give_our_logits(tmp_path, monkeypatch, fresh_rwkv_import, name, arch, encoding):
     base = model_path(name)
@@ -136,19 +135,19 @@ def test_readme_shows_these_snippets():
 
 
 def test_every_package_folder_ships():
-    """pyproject lists the packages by hand (to map plugins/ to rwkv_state_hub.plugins): a package folder
-    missing from that list would be missing from the wheel."""
+    """The plugins are an ordinary subpackage: setuptools' packages.find (the config pyproject gives it) finds
+    every package folder under rwkv_state_hub/, plugins included, with no folder mapped to another name."""
+    from setuptools import find_packages
+
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(config["packages"])
-    assert config["package-dir"] == {"rwkv_state_hub.plugins": "plugins"}
-    found = set()
-    for top, name in (("rwkv_state_hub", "rwkv_state_hub"), ("plugins", "rwkv_state_hub.plugins")):
-        for init in (REPO / top).rglob("__init__.py"):
-            rel = init.parent.relative_to(REPO / top)
-            found.add(".".join([name, *rel.parts]))
-    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
-    assert all(re.fullmatch(r"rwkv_state_hub(\.\w+)*", p) for p in listed)
+    assert "package-dir" not in config
+    find = config["packages"]["find"]
+    assert find.get("namespaces") is False  # data folders (csrc/, examples/models/) are not packages
+    found = set(find_packages(str(REPO), include=find["include"], exclude=find.get("exclude", ())))
+    folders = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "rwkv_state_hub").rglob("__init__.py")}
+    assert found == folders
+    assert {"rwkv_state_hub.plugins.ai00", "rwkv_state_hub.plugins.rwkv_runner"} <= found
     from rwkv_state_hub.plugins import ai00, rwkv_runner
 
-    assert Path(ai00.__file__).parent == REPO / "plugins" / "ai00"
-    assert Path(rwkv_runner.__file__).parent == REPO / "plugins" / "rwkv_runner"
+    assert Path(ai00.__file__).parent == REPO / "rwkv_state_hub" / "plugins" / "ai00"
+    assert Path(rwkv_runner.__file__).parent == REPO / "rwkv_state_hub" / "plugins" / "rwkv_runner"

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from fuzz_inputs import CRAFTED, CRAFTED_MAX_BYTES, REPO_ID, write_crafted, write_valid_files
 
+pytestmark = pytest.mark.slow  # every crafted file through every path, in subprocesses: ~45 s
 RUNNER = Path(__file__).parent / "cost_runner.py"
 CPU_BOUND_S = 10
 MEMORY_BOUND_MB = 300

@@ -1,4 +1,4 @@
-"""The CUDA WKV kernels (cuda/) and their loader (rwkv_state_hub/wkv/cuda.py).
+"""The CUDA WKV kernels (rwkv_state_hub/wkv/csrc/) and their loader (rwkv_state_hub/wkv/cuda.py).
 
 Everywhere (no GPU needed):
 - every .cu compiles for sm_80 and sm_90 with warnings as errors and no register spills, and the binding
@@ -35,7 +35,7 @@ from rwkv_state_hub.wkv import cuda, reference
 from rwkv_state_hub.wkv.chunked5 import wkv5_chunked
 from rwkv_state_hub.wkv.chunked7 import wkv7_fast
 
-CUDA_DIR = REPO / "cuda"
+CUDA_DIR = REPO / "rwkv_state_hub" / "wkv" / "csrc"
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="no CUDA GPU here: run `bash cuda/verify_on_gpu.sh` on a GPU machine")
 
@@ -156,6 +156,7 @@ def builds(tmp_path_factory) -> dict:
     return {"nvcc": nvcc, "gxx": gxx, "cuda_include": cuda_include, "results": results, "extension": extension}
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm80_and_sm90_with_warnings_as_errors(builds):
     """Every .cu for sm_80 and sm_90 with warnings as errors and no register spills (the state row must stay
     in registers), and the binding against torch's and CUDA's headers: CI catches what would not build."""
@@ -378,6 +379,7 @@ def emulated(builds):
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["v5", "v7"])
 @pytest.mark.parametrize("B,T,H,N,dtype", [
     (3, 150, 2, 8, torch.float32),   # three chunks of 64 with a ragged tail, padding, a broadcast state
@@ -401,6 +403,7 @@ def test_the_cuda_kernels_run_on_cpu_threads_and_match_the_reference(emulated, m
     assert_all_close(got, expected, rtol=tol, atol_scale=tol)
 
 
+@pytest.mark.slow
 def test_the_binding_refuses_what_the_kernels_cannot_take(emulated):
     """Shapes, dtypes, layouts and buffer sizes are checked before any launch, with a message naming them."""
     B, T, H, N = 2, 5, 1, 8
@@ -517,7 +520,7 @@ def test_train_with_kernel_cuda_falls_back_on_this_machine_and_rejects_unknown_k
         fresh_loader, tmp_path, capsys):
     from rwkv_state_hub.train import TrainConfig, train
 
-    model = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+    model = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join((REPO / "examples" / "data" / "train.jsonl").read_text().splitlines()[:4]) + "\n")
     base = dict(model=str(model), data=[str(data)], steps=1, micro_bsz=2, device="cpu", seed=1)

@@ -17,11 +17,11 @@ from rwkv_state_hub.data import (
     Sample,
     collate,
     load_dataset,
-    render_chat,
     windows,
     write_binidx,
 )
 from rwkv_state_hub.errors import StateHubError
+from rwkv_state_hub.prompt_format import render_chat
 from rwkv_state_hub.tokenizer import get_tokenizer
 
 BYTES = get_tokenizer("bytes")
@@ -352,6 +352,8 @@ GOOD = {"text": "fine"}
     ('{"messages": ["hi"]}', "messages[0] must be an object with role and content, found a string"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', "messages[0]: role must be one of system, user, "
                                                         "assistant, found 'bot'"),
+    ('{"messages": [{"role": ["user"], "content": "x"}]}', "messages[0]: role must be one of system, user, "
+                                                           "assistant, found a list"),  # was a TypeError
     ('{"messages": [{"role": "user", "content": 3}]}', 'messages[0]: "content" must be a string, found a number'),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn, nothing to train on"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \\n\\n "}]}',

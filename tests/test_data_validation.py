@@ -21,7 +21,7 @@ from rwkv_state_hub.errors import StateHubError
 from rwkv_state_hub.tokenizer import get_tokenizer
 
 BYTES = get_tokenizer("bytes")
-MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
 
 
 def refused(path, tokenizer=BYTES, vocab_size=None, ctx_len=64) -> str:

@@ -18,9 +18,10 @@ import torch
 from conftest import ALICE, REPO, random_state_like, real_model_path
 
 from rwkv_state_hub import State, load_state, push, read_spec, save_native
-from rwkv_state_hub.chat import Conversation, PipRunner, Sampler, Sampling, clean_message, side_by_side, turn_prompt
+from rwkv_state_hub.chat import Conversation, PipRunner, side_by_side
 from rwkv_state_hub.errors import StateHubError
 from rwkv_state_hub.formats import detect_format, save_pth
+from rwkv_state_hub.generate import DEFAULT_SAMPLING, LIMITS, Sampler, Sampling, generate
 from rwkv_state_hub.pip_bridge import load_pip_model, pip_state, state_from_pip
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 from rwkv_state_hub.tokenizer import get_tokenizer
@@ -33,7 +34,8 @@ pytestmark = [  # Gradio's queue still uses pandas options that pandas 3 depreca
     pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
-MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+EXAMPLE_STATES = REPO / "rwkv_state_hub" / "examples" / "states"
 WEATHER = "weather-5v2.safetensors"
 GREEDY = (0, 1, 40, 0, 0, 0)  # temperature, top-p, max tokens, presence, frequency, seed
 
@@ -61,11 +63,12 @@ def chat_text(message: dict) -> str:
 
 def test_sampler_penalties_and_greedy():
     logits = torch.tensor([0.0, 3.0, 2.5, 1.0])
-    greedy = Sampler(Sampling(temperature=0))
+    plain = dict(temperature=0, presence_penalty=0, frequency_penalty=0)
+    greedy = Sampler(Sampling(**plain))
     assert [greedy(logits) for _ in range(3)] == [1, 1, 1]
-    penalised = Sampler(Sampling(temperature=0, presence_penalty=1.0))
+    penalised = Sampler(Sampling(**{**plain, "presence_penalty": 1.0}))
     assert [penalised(logits) for _ in range(3)] == [1, 2, 1]  # 3-1 < 2.5; then 2.5-1 < 3-1
-    by_count = Sampler(Sampling(temperature=0, frequency_penalty=0.3))
+    by_count = Sampler(Sampling(**{**plain, "frequency_penalty": 0.3}))
     assert [by_count(logits) for _ in range(4)] == [1, 1, 2, 1]  # 3, 2.7, then 2.4 < 2.5: 2; then 2.4 > 2.2
     a, b = (Sampler(Sampling(temperature=1.0, top_p=1.0, seed=7)) for _ in range(2))
     assert [a(logits) for _ in range(20)] == [b(logits) for _ in range(20)]  # the seed decides
@@ -78,12 +81,34 @@ def test_sampling_refuses_bad_settings(bad):
         Sampling(**bad)
 
 
-def test_chat_format_helpers():
-    assert clean_message("  hi\r\n\r\n\nthere \n") == "hi\nthere"
-    assert turn_prompt("hi", None) == "User: hi\n\nAssistant:"
-    assert turn_prompt("hi", " ok\n\n") == "User: hi\n\nAssistant:"
-    assert turn_prompt("hi", " cut off") == "\n\nUser: hi\n\nAssistant:"
+def test_side_by_side():  # the chat format's helpers are tested in test_prompt_format.py
     assert list(side_by_side(iter(["a", "ab"]), iter(["x"]))) == [("a", "x"), ("ab", "x"), ("ab", "x")]
+
+
+def test_one_set_of_sampling_defaults():
+    """`rwkv-state generate`, generate() and the page start from DEFAULT_SAMPLING, within generate.LIMITS."""
+    from rwkv_state_hub.cli import cli
+
+    options = {p.name: p for p in cli.commands["generate"].params}
+    for name, (low, high) in LIMITS.items():
+        assert options[name].default == getattr(DEFAULT_SAMPLING, name)
+        assert (options[name].type.min, options[name].type.max) == (low, high)
+    assert Sampling() == DEFAULT_SAMPLING
+
+
+def test_generate_and_the_page_give_the_same_text(pip_model):
+    """Same seed and settings, same model and state: generate() (our model) and the page's completion (the pip
+    package) draw the same tokens, with the default sampling (penalties included) and with another seed."""
+    from rwkv_state_hub.model import load_model
+
+    model, tok = load_model(MODEL), get_tokenizer("bytes")
+    runner = PipRunner(pip_model, tok, read_spec(MODEL))
+    weather = load_state(EXAMPLE_STATES / WEATHER)
+    for state, sampling in ((weather, DEFAULT_SAMPLING.but(max_tokens=24)), (None, Sampling(max_tokens=24, seed=5)),
+                            (weather, Sampling(max_tokens=24, seed=7, top_p=0.9))):
+        *_, page = runner.complete("W", state, sampling)
+        assert generate(model, tok, "W", state, sampling) == page
+        assert len(page) == 24
 
 
 # ---------------------------------------------------------------- the page, one shared app
@@ -107,7 +132,7 @@ def state_folder(tmp_path_factory) -> Path:
 def app(state_folder):
     from rwkv_state_hub.demo import create_demo, launch_demo
 
-    demo = create_demo(MODEL, [str(REPO / "examples" / "states"), str(state_folder)], max_upload_bytes=1 << 20)
+    demo = create_demo(MODEL, [str(EXAMPLE_STATES), str(state_folder)], max_upload_bytes=1 << 20)
     _, url, _ = launch_demo(demo, port=_free_port(), prevent_thread_lock=True)
     yield demo, url
     demo.close()
@@ -141,7 +166,7 @@ def test_completion_differs_from_base_and_equals_pip(app, pip_model):
     _, url = app
     base, tuned = Client(url, verbose=False).predict("W", WEATHER, *GREEDY, api_name="/complete")
     tok = get_tokenizer("bytes")
-    state = load_state(REPO / "examples" / "states" / WEATHER)
+    state = load_state(EXAMPLE_STATES / WEATHER)
     assert tuned == "W" + pip_greedy(pip_model, "W", pip_state(state), tok, 40)
     assert base == "W" + pip_greedy(pip_model, "W", None, tok, 40)
     assert base != tuned
@@ -228,7 +253,7 @@ def test_a_session_keeps_bounded_files_and_states(app):
     engine._scratch("bake-")
     assert not old.exists() and recent.is_dir()
     session = new_session()
-    state = load_state(REPO / "examples" / "states" / WEATHER)
+    state = load_state(EXAMPLE_STATES / WEATHER)
     path = Path(state.source)
     labels = [engine.load_upload(path, session)[0] for _ in range(MAX_OWN_STATES + 2)]
     assert list(session["extra"]) == labels[2:]
@@ -249,7 +274,7 @@ def test_two_clients_keep_separate_conversations(app, pip_model):
             jobs = [c.submit(turns[i][t], WEATHER, *settings, api_name="/chat") for i, c in enumerate(clients)]
             results = list(pool.map(lambda j: j.result(), jobs))
     tok = get_tokenizer("bytes")
-    weather = load_state(REPO / "examples" / "states" / WEATHER)
+    weather = load_state(EXAMPLE_STATES / WEATHER)
     for (hist_base, hist_tuned, box), (m1, m2) in zip(results, turns, strict=True):
         assert box == ""
         assert [chat_text(m) for m in hist_base[0::2]] == [m1, m2]  # only this visitor's messages
@@ -317,6 +342,7 @@ def test_state_inspector_draws_heatmaps(app):
     assert sum(r.split()[0].isdigit() for r in rows if r.strip()) == 12  # one row a layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,tokenizer", [("tiny-rwkv-7v0-834K", "bytes"), ("tiny-rwkv-6v0-1m", "utf-16-le")])
 def test_v7_and_v6_states_through_pip_state(name, tokenizer, tmp_path):
     """Real v7 and v6 checkpoints, each with a baked state (v7's goes through pip_state: pip's v7 ignores
@@ -348,6 +374,7 @@ def test_v7_and_v6_states_through_pip_state(name, tokenizer, tmp_path):
         assert base != tuned
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS upload
 def test_hub_states_are_pulled_and_carded(hub_server, tmp_path):
     """--states entries that are Hub repo ids, pushed to the loopback Hub (tests/hub_server.py) and pulled
@@ -357,7 +384,7 @@ def test_hub_states_are_pulled_and_carded(hub_server, tmp_path):
     from rwkv_state_hub.demo import create_demo, launch_demo
 
     spec = read_spec(MODEL)
-    weather = REPO / "examples" / "states" / WEATHER
+    weather = EXAMPLE_STATES / WEATHER
     push(weather, "alice/weather-5v2", token=ALICE)
     other_model = tmp_path / "other-5v2.pth"  # the bundled model's dims, other weights: only sha256 tells them apart
     save_checkpoint(random_checkpoint("v5.2", n_layer=spec.n_layer, n_embd=spec.n_embd, head_size=spec.head_size,
@@ -419,6 +446,7 @@ def _wait_for(url: str, procs: list[subprocess.Popen], timeout: float) -> str:
     raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
+@pytest.mark.slow
 def test_app_py_and_the_cli_serve_the_same_page(tmp_path):
     ports = [_free_port(), _free_port()]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "RWKV_STATE_HUB_PREVIEW": "0", "OMP_NUM_THREADS": "1",
@@ -426,7 +454,7 @@ def test_app_py_and_the_cli_serve_the_same_page(tmp_path):
     env.pop("RWKV_STATE_HUB_STATES", None)
     env.pop("RWKV_STATE_HUB_MODEL", None)
     cli = [sys.executable, "-m", "rwkv_state_hub.cli", "demo", "--model", str(MODEL),
-           "--states", str(REPO / "examples" / "states"), "--port", str(ports[1])]
+           "--states", str(EXAMPLE_STATES), "--port", str(ports[1])]
     procs = [subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
              subprocess.Popen(cli, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]

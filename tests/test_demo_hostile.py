@@ -30,8 +30,8 @@ pytestmark = [  # Gradio's queue still uses pandas options that pandas 3 depreca
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
     pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),  # huggingface_hub's LFS upload
 ]
-MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
-WEATHER = REPO / "examples" / "states" / "weather-5v2.safetensors"
+MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+WEATHER = REPO / "rwkv_state_hub" / "examples" / "states" / "weather-5v2.safetensors"
 TITLE = "rwkv-state-hub demo"
 # each payload, if it ran, would set the page title to "pwned-..."
 PAYLOADS = [
@@ -64,6 +64,7 @@ def _variant(hub, name: str, manifest_changes: dict | None = None, files: dict |
     return f"alice/{name}"
 
 
+@pytest.mark.slow
 def test_hostile_hub_repos_are_listed_not_offered(hub_server):
     """The issue's examples (a manifest whose base_model is a string, 200k-deep JSON, a 300-character file
     name) and their kind: each such repo is one line under "Not offered" naming it; the page starts, and
@@ -206,6 +207,7 @@ def _dump_dom(url: str, tmp_path: Path) -> _Dom:
     return dom
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["hub model card", "state metadata and file names"])
 def test_strangers_text_runs_no_script_in_chromium(where, hub_server, tmp_path):
     """The page opens on the only offered state, whose card (a Hub README, or the Markdown made from the
@@ -297,6 +299,7 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_remove_the_work_folder(tmp_path):
     """`python app.py` stopped with SIGTERM (what a Space or docker stop sends) and `rwkv-state demo`
     stopped with Ctrl-C both exit and leave no work folder behind, after a bake wrote files into it."""

@@ -17,7 +17,7 @@ from rwkv_state_hub.generate import generate, sample_token
 from rwkv_state_hub.tokenizer import get_tokenizer
 from rwkv_state_hub.train import TrainConfig, train
 
-MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
 TRAIN = REPO / "examples" / "data" / "train.jsonl"
 
 
@@ -52,6 +52,7 @@ def test_eval_table_rows_are_real_losses(trained, tmp_path):
     assert all(0 <= r["accuracy"] <= 1 and r["n_tokens"] == base.n_tokens for r in rows)
 
 
+@pytest.mark.slow
 def test_eval_cli_json(trained, tmp_path):
     r = subprocess.run([sys.executable, "-m", "rwkv_state_hub.cli", "eval", "--model", str(MODEL), "--state",
                         str(trained), "--data", str(held_out(tmp_path)), "--json"], capture_output=True, text=True)
@@ -77,7 +78,8 @@ def test_generate_continues_from_the_state(trained):
 
     model, tok = load_model(MODEL), get_tokenizer("bytes")
     state = load_state(trained)
-    text = generate(model, tok, "W", state, max_tokens=12, temperature=0)
+    greedy = dict(max_tokens=12, temperature=0, presence_penalty=0, frequency_penalty=0)  # plain argmax
+    text = generate(model, tok, "W", state, **greedy)
     rs = state.to_recurrent()
     logits, rs = model.step(ord("W"), rs)
     by_hand = []
@@ -86,4 +88,4 @@ def test_generate_continues_from_the_state(trained):
         by_hand.append(t)
         logits, rs = model.step(t, rs)
     assert text == tok.decode(by_hand)
-    assert text != generate(model, tok, "W", None, max_tokens=12, temperature=0)
+    assert text != generate(model, tok, "W", None, **greedy)

@@ -24,8 +24,8 @@ from rwkv_state_hub.files import sha256_file
 from rwkv_state_hub.hub import is_repo_id, model_card, model_identity, pull_state, resolve_model
 from rwkv_state_hub.hub_card import MANIFEST, hash_tag
 
-V5_MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
-V7_MODEL = REPO / "examples" / "models" / "tiny-rwkv-7v0-834K.pth"
+V5_MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+V7_MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-7v0-834K.pth"
 BASE_REPO = "BlinkDL/tiny-models"
 # huggingface_hub's own LFS upload passes a file object as data=, which httpx2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -149,6 +149,22 @@ def test_hf_model_works_wherever_the_cli_takes_a_model(hub, state_file):
     assert len(hub.requests("GET", V5_MODEL.name)) == 1  # downloaded once, into huggingface_hub's cache
     code, out = invoke("check", state_file, "--model", f"hf://{BASE_REPO}/missing.pth")
     assert code != 0 and "missing.pth is not in the repo" in out and "Traceback" not in out, out
+
+
+def test_an_hf_model_in_a_config_file_and_for_the_demo(hub, tmp_path):
+    """hub.resolve_model, the one place that resolves hf://, serves a --config file's model and the demo too."""
+    from rwkv_state_hub.demo import DemoEngine
+
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"text": "WEATHER. Oslo: snowy."}\n')
+    config = tmp_path / "run.toml"
+    config.write_text(f"model = {json.dumps(HF_V5)}\ndata = [{json.dumps(str(data))}]\n"
+                      f"out = {json.dumps(str(tmp_path / 'run'))}\n")
+    code, out = invoke("train", "--config", config, "--dry-run")
+    assert code == 0 and "(v5.2, 12 layers x 8 heads x 8, vocab 256)" in out, out
+    engine = DemoEngine(HF_V5)
+    assert engine.spec.sha256 == sha256_file(V5_MODEL) and engine.model_path != V5_MODEL
+    assert len(hub.requests("GET", V5_MODEL.name)) == 1  # one download, into huggingface_hub's cache
 
 
 # ---------------------------------------------------------------- the base model must match
@@ -291,6 +307,7 @@ def test_bad_token_clear_message_and_token_never_printed(hub, state_file, tmp_pa
     assert BAD not in caplog.text and ALICE not in caplog.text
 
 
+@pytest.mark.slow
 def test_command_in_a_real_process_takes_token_and_endpoint_from_the_environment(hub, state_file, tmp_path):
     """HF_TOKEN / HF_ENDPOINT / HF_HUB_DISABLE_XET as a user sets them; a bad token: one line, no traceback."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",

@@ -149,6 +149,7 @@ print(json.dumps(rss_bytes() - before))
 """
 
 
+@pytest.mark.slow
 def test_loading_holds_one_copy_of_the_weights(tmp_path):
     """Measured in a fresh process: resident memory grows by the weights once (bf16: the mapped file; fp32:
     the widened matrices and the bf16 embedding), not by a checkpoint copy on top."""
@@ -165,6 +166,7 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
         assert 0.9 * expected < grew < expected + (24 << 20), (dtype, grew / 2**20, expected / 2**20)
 
 
+@pytest.mark.slow
 def test_bench_one_config_on_a_small_model(tmp_path):
     path = tmp_path / "m.pth"
     save_checkpoint(random_checkpoint("v7", n_layer=2, n_embd=128, vocab_size=512, dtype=torch.bfloat16), path)
@@ -182,7 +184,7 @@ def test_bench_one_config_on_a_small_model(tmp_path):
 def test_train_rejects_a_non_positive_memory_budget(tmp_path):
     from rwkv_state_hub.train import TrainConfig, _recompute_for_budget, train
 
-    model = load_model(REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth")
+    model = load_model(REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth")
     cfg = TrainConfig(model="m", data=["d"], memory_budget=0)
     with pytest.raises(StateHubError, match="--memory-budget 0"):
         _recompute_for_budget(model, cfg)

@@ -42,6 +42,7 @@ def pip_logits(path, arch, tokens, state=None):
     return logits, final
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arch,enc", REAL_MODELS, ids=[a for _, a, _ in REAL_MODELS])
 @pytest.mark.parametrize("start", ["zero", "random"])
 def test_real_models_equal_pip(name, arch, enc, start):
@@ -127,6 +128,7 @@ def test_ragged_batch_equals_each_sequence_alone(random_models, arch):
             assert_states_close(batch_final.select(i), alone_final)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_state_gradient_equals_finite_differences(arch):
     """d loss / d initial state (wkv and token shift), float64, against central differences."""

@@ -10,9 +10,9 @@ from PIL import Image
 
 from rwkv_state_hub.cli import cli
 from rwkv_state_hub.formats import save_native
+from rwkv_state_hub.plot import NONFINITE_GREY
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 from rwkv_state_hub.state import State
-from rwkv_state_hub.toolbox import NONFINITE_GREY
 
 
 def _states(tmp_path):

@@ -18,7 +18,7 @@ from rwkv_state_hub import StateHubError
 from rwkv_state_hub.cli import cli
 from rwkv_state_hub.train import TrainConfig, train
 
-MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
 TRAIN = REPO / "examples" / "data" / "train.jsonl"
 
 

@@ -128,6 +128,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(full_disk, state_file, fmt):
     assert list(full_disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_write_past_the_file_size_limit(tmp_path, state_file):
     """Portable stand-in for a full disk: RLIMIT_FSIZE makes write() fail with EFBIG in a subprocess."""
     out = tmp_path / "out" / "state.pth"

@@ -18,11 +18,11 @@ import safetensors.torch
 import torch
 from click.testing import CliRunner
 from conftest import ARCHS, LoopbackPostServer, random_state_like
-from rwkv_state_hub.plugins import ai00
 from safetensors.torch import save_file
 
 from rwkv_state_hub import State, StateHubError, read_spec, save_native
 from rwkv_state_hub.cli import cli
+from rwkv_state_hub.plugins import ai00
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 
 CONFIG = """\

@@ -4,10 +4,10 @@ and a malformed Ai00 config gets one line."""
 from __future__ import annotations
 
 import pytest
-from rwkv_state_hub.plugins.ai00.ai00 import model_folder, read_config
-from rwkv_state_hub.plugins.rwkv_runner.runner import DEFAULT_MODELS_FOLDER, manifest_sha256, models_folder
 
 from rwkv_state_hub.errors import StateHubError
+from rwkv_state_hub.plugins.ai00.ai00 import model_folder, read_config
+from rwkv_state_hub.plugins.rwkv_runner.runner import DEFAULT_MODELS_FOLDER, manifest_sha256, models_folder
 
 BROKEN_JSON = ["[" * 200_000, '{"settings": [1, 2]}', '{"settings": {"customModelsPath": 5}}', "[]", "\xff",
                '{"models": 5}', '{"models": {"a": 1}}', '{"models": [5, "x", {"SHA256": 1}]}']

@@ -15,11 +15,11 @@ import torch
 from click.testing import CliRunner
 from conftest import ARCHS, LoopbackPostServer, random_state_like
 from pip_reference import pip_model
-from rwkv_state_hub.plugins import rwkv_runner
 
 import rwkv_state_hub.files as files
 from rwkv_state_hub import State, StateHubError, export_state, load_model, pip_state, read_spec, save_native
 from rwkv_state_hub.cli import cli
+from rwkv_state_hub.plugins import rwkv_runner
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 
 TOL = 1e-4

@@ -92,6 +92,7 @@ def test_the_loss_falls_and_every_style_is_reported(trained):
     assert "verses" in stdout and "config" in stdout and "wall" not in summary["data"][0]
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_exactly(data_dir, trained, tmp_path):
     """Stopped after 7 steps (a checkpoint), then the same command: the same weights as one run of 20."""
     path, _, _ = trained

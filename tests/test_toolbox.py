@@ -97,8 +97,27 @@ def test_diff(random_models):
     assert float(d[i, h]) == pytest.approx(float(by_hand))
 
 
+def test_one_heatmap_drawer_for_diffs_and_norms(tmp_path):
+    """plot.draw_heatmap draws both pictures: a diff clamps at 1 (dark red), norms scale to their largest finite
+    value (dark blue), and a NaN or inf head is grey in either, never a crash (the demo's old norm drawer
+    scaled by a NaN maximum)."""
+    from PIL import Image
+
+    from rwkv_state_hub.plot import DIFF_SCALE, NONFINITE_GREY, NORM_SCALE, draw_heatmap, save_heatmap
+
+    values = torch.tensor([[0.0, 0.5, 1.0], [float("nan"), 3.0, float("inf")]])
+    for scale, darkest in ((DIFF_SCALE, (165, 0, 0)), (NORM_SCALE, (0, 51, 145))):
+        colours = {c for _, c in draw_heatmap(values, "t", scale).getcolors(1 << 16)}
+        assert {(255, 255, 255), darkest, NONFINITE_GREY} <= colours
+    half = {c for _, c in draw_heatmap(values, "t", DIFF_SCALE).getcolors(1 << 16)}
+    assert (210, 128, 128) in half  # 0.5 of the way from white to dark red
+    save_heatmap(values, tmp_path / "d.png")
+    assert Image.open(tmp_path / "d.png").size == draw_heatmap(values, "x").size
+
+
+@pytest.mark.slow
 def test_commands_on_the_bundled_model(tmp_path):
-    model = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+    model = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     for out, text in ((a, "WEATHER. Oslo: sunny"), (b, "Once upon a time")):
         r = subprocess.run([*CLI, "bake", "--model", str(model), "--prompt", text, "-o", str(out)],
@@ -118,6 +137,7 @@ def test_commands_on_the_bundled_model(tmp_path):
     assert r.returncode == 0 and "token shift" in r.stderr  # the consumer is told what it will not get
 
 
+@pytest.mark.slow
 def test_mix_of_two_styles_is_evaluated_on_both_held_out_sets(tmp_path):
     """The benchmark's table in small: two states trained on two styles, their mix, `rwkv-state eval` on
     each held-out set; every row is the loss of that state on those samples (no claim that mixing helps)."""
@@ -127,7 +147,7 @@ def test_mix_of_two_styles_is_evaluated_on_both_held_out_sets(tmp_path):
     from rwkv_state_hub.evaluate import evaluate
     from rwkv_state_hub.train import TrainConfig, train
 
-    model_path = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+    model_path = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
     data = REPO / "examples" / "data"
     paths = {}
     for name, prefix in (("weather", ""), ("sports", "sports-")):

@@ -22,7 +22,7 @@ from rwkv_state_hub.evaluate import batch_loss, evaluate
 from rwkv_state_hub.tokenizer import get_tokenizer
 from rwkv_state_hub.train import TrainConfig, global_batch_indices, lr_at, train
 
-MODEL = REPO / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
 TRAIN = REPO / "examples" / "data" / "train.jsonl"
 VAL = REPO / "examples" / "data" / "val.jsonl"
 CLI = [sys.executable, "-m", "rwkv_state_hub.cli"]
@@ -84,6 +84,7 @@ def test_masked_loss_equals_a_hand_computation():
     assert float(loss_sum) == pytest.approx(hand, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,tokenizer", [("tiny-rwkv-5v2-730K", "bytes"), ("tiny-rwkv-6v0-1m", "utf-16-le"),
                                             ("tiny-rwkv-7v0-834K", "bytes")])
 def test_loss_decreases_on_each_real_model(tmp_path, name, tokenizer):
@@ -124,6 +125,7 @@ def test_outputs_and_metadata(tmp_path):
     assert torch.allclose(load_state(out / "state.pth").wkv, state.wkv)
 
 
+@pytest.mark.slow
 def test_config_file_and_refusals(tmp_path):
     c = cfg(tmp_path)
     train(c, progress=False)
@@ -194,6 +196,7 @@ def _wait_for_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 
     raise AssertionError("training made no progress")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path):
     whole = tmp_path / "whole"
     subprocess.run(_cli_run(tmp_path, whole), check=True, capture_output=True, env=ENV)
@@ -243,6 +246,7 @@ def _torchrun(out: Path, data: Path, *extra: str) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """torchrun with 2 CPU processes x micro-batch 1 = 1 process x micro-batch 2 (within 1e-5), and is
     bit-identical to 1 process x 2 accumulated micro-batches of 1 (the same sums in the same order).

@@ -1,9 +1,9 @@
-// Runs the CUDA WKV kernels of cuda/wkv5.cu and cuda/wkv7.cu, unchanged, on CPU threads: one std::thread per
+// Runs the CUDA WKV kernels of csrc/wkv5.cu and csrc/wkv7.cu, unchanged, on CPU threads: one std::thread per
 // CUDA thread, blocks one after another, __shared__ arrays shared by the block's threads, __syncthreads() a
 // std::barrier. So a machine without a GPU executes the kernels' own index arithmetic, chunking, shared-memory
 // traffic and barriers.
 //
-// It defines the launchers that cuda/wkv_binding.cpp declares, so tests/test_cuda.py links it with the real
+// It defines the launchers that csrc/wkv_binding.cpp declares, so tests/test_cuda.py links it with the real
 // binding (built with -DWKV_CPU_EMULATION, which lets it take CPU tensors, and tests/emulated_cuda/ for the
 // CUDA runtime header) into a Python extension, and runs it through rwkv_state_hub/wkv/cuda.py's autograd
 // wrapper: wrapper, binding and kernels together, against the reference loops.
@@ -52,8 +52,8 @@ inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, as t
     return {static_cast<uint16_t>(u >> 16)};
 }
 
-#include "../cuda/wkv5.cu"
-#include "../cuda/wkv7.cu"
+#include "../rwkv_state_hub/wkv/csrc/wkv5.cu"
+#include "../rwkv_state_hub/wkv/csrc/wkv7.cu"
 
 namespace {
 

@@ -4,7 +4,7 @@ Implementations with one signature each:
     reference.py  plain loops over time: the maths in plain sight, the oracle
     chunked5.py   RWKV-5.2 / RWKV-6 in chunks (the fast CPU path)
     chunked7.py   RWKV-7 in chunked WY form (the fast CPU path)
-    cuda.py       the CUDA kernels in cuda/ (built on first use; not yet verified on hardware)
+    cuda.py       the CUDA kernels in csrc/ (built on first use; not yet verified on hardware)
 `wkv5` and `wkv7` below pick the chunked ones; RWKV_STATE_HUB_WKV=reference selects the loops (to
 check a result, or to measure the difference), RWKV_STATE_HUB_WKV=cuda the CUDA kernels (only when asked:
 they fall back to the chunked path, saying why in one line, where they cannot run). `set_backend` does

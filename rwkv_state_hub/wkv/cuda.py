@@ -1,4 +1,4 @@
-"""The CUDA WKV kernels (`cuda/` at the repository root), built on first use, with a fallback.
+"""The CUDA WKV kernels (their sources ship in the package, `csrc/` here), built on first use, with a fallback.
 
 `wkv5` and `wkv7` have the signatures, layouts and results of `reference.py`: the kernels run for CUDA
 tensors in fp32 or bf16 (state and its gradient always fp32) with head size 8, 16, 32 or 64. Anything else (a CPU
@@ -31,7 +31,7 @@ from ..files import cache_dir
 from .chunked5 import wkv5_chunked
 from .chunked7 import wkv7_fast
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("wkv_binding.cpp", "wkv5.cu", "wkv7.cu")
 HEADERS = ("wkv_common.cuh", "wkv_chunk.h")
 HEAD_SIZES = (8, 16, 32, 64)
@@ -43,7 +43,13 @@ _told: set[str] = set()
 
 
 def unavailable_reason() -> str | None:
-    """Why the kernels cannot run here (None when they can be built), without building anything."""
+    """Why the kernels cannot run here (None when they can be built), without building anything.
+
+    Missing sources are said first, whatever the machine: they mean a broken install, which a CPU-only machine
+    would otherwise hide until the package reaches a GPU."""
+    missing = [name for name in SOURCES + HEADERS if not (SOURCE_DIR / name).is_file()]
+    if missing:
+        return f"kernel sources not found ({SOURCE_DIR / missing[0]}; reinstall rwkv-state-hub)"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build"
     if not torch.cuda.is_available():
@@ -54,9 +60,6 @@ def unavailable_reason() -> str | None:
         return "no CUDA toolkit (nvcc) found: set CUDA_HOME or put nvcc on PATH"
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
-    missing = [name for name in SOURCES + HEADERS if not (SOURCE_DIR / name).is_file()]
-    if missing:
-        return f"kernel sources not found ({SOURCE_DIR / missing[0]}; they ship with the source tree)"
     return None
 
 

@@ -1,4 +1,4 @@
-// Stand-in for the CUDA runtime API header, for building cuda/wkv_binding.cpp over the kernels run on CPU
+// Stand-in for the CUDA runtime API header, for building csrc/wkv_binding.cpp over the kernels run on CPU
 // threads (tests/wkv_cpu_emulator.cpp): the few names the binding uses, nothing else.
 #pragma once
 
