@@ -89,11 +89,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise StateHubError(f"{path}: no such file")
-    size = check_torch_zip(path)
-    try:
-        sd = _torch_load(path)
-    except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault
-        raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(e)})") from None
+    sd, size = load_untrusted(path)
     if not isinstance(sd, dict):
         raise StateHubError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
     if not sd:
@@ -109,6 +105,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise StateHubError(f"{path}: its tensors claim {claimed:,} bytes, more than the file's {size:,} "
                             "(overlapping views): damaged or crafted")
     return sd
+
+
+def load_untrusted(path: Path) -> tuple[object, int]:
+    """Whatever a torch.save file holds, and the file's size: the zip is checked first (check_torch_zip) and
+    torch.load runs with weights_only=True, so no code runs and nothing costs more than the bytes there."""
+    size = check_torch_zip(path)
+    try:
+        return _torch_load(path), size
+    except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault
+        raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(e)})") from None
 
 
 def _torch_load(path: Path) -> object:

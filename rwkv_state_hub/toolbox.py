@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import nonfinite_tensors
 from .errors import StateHubError
 from .model import RWKV
 from .state import State
@@ -55,16 +56,17 @@ def mix(states: list[State], weights: list[float]) -> State:
     if any(s.shift is not None for s in states):  # a state without a token shift has a zero one
         shift = sum(w * (s.shift if s.shift is not None else torch.zeros(s.n_layer, 2, s.n_embd))
                     for w, s in zip(weights, states, strict=True))
-    for name, t in (("wkv", wkv), ("token-shift", shift)):
-        if t is not None and not torch.isfinite(t).all():
-            raise StateHubError(f"mix weights {weights}: the {name} state overflows float32 (NaN or inf); "
-                                "use smaller weights")
     base = next((s for s in states if s.base_model_sha256), first)
     identity = {k: v for k, v in base.metadata.items() if k.startswith("base_model") or k in
                 ("arch", "n_layer", "n_embd", "n_head", "head_size", "tokenizer")}
     parents = [{"file": Path(s.source).name, "weight": w, "method": (s.metadata.get("training") or {}).get("method")}
                for s, w in zip(states, weights, strict=True)]
-    return State(wkv, shift, {**identity, "training": {"method": "mixed", "parents": parents}}, source="mix")
+    mixed = State(wkv, shift, {**identity, "training": {"method": "mixed", "parents": parents}}, source="mix")
+    overflowed = nonfinite_tensors(mixed.tensors())
+    if overflowed:
+        raise StateHubError(f"mix weights {weights}: the {overflowed[0]} state overflows float32 (NaN or inf); "
+                            "use smaller weights")
+    return mixed
 
 
 def diff(a: State, b: State) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import __version__, wkv
-from .checkpoint import _load_failure, check_torch_zip, read_checkpoint
+from .checkpoint import load_untrusted, read_checkpoint
 from .data import Dataset, collate, load_dataset
 from .errors import StateHubError
 from .evaluate import EvalResult, batch_loss, evaluate
@@ -538,13 +538,9 @@ def _resume(path: Path, cfg: TrainConfig, learned: LearnedState | EncodedState, 
 def _read_resume_checkpoint(path: Path) -> dict:
     """The checkpoint's parts, each of the type train() writes (torch.load with weights_only: no code runs)."""
     try:
-        check_torch_zip(path)  # the checkpoint reader's bounds: cost set by the file's bytes, not by numbers in it
+        ck, _ = load_untrusted(path)  # the checkpoint reader's bounds: cost set by the file's bytes
     except StateHubError as e:
         raise StateHubError(f"{e}; start a new --out") from None
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault
-        raise StateHubError(f"{path}: not a readable checkpoint ({_load_failure(e)}); start a new --out") from None
     parts = {"learned": dict, "optimizer": dict, "rng": torch.Tensor, "run": dict, "config": dict}
     if not isinstance(ck, dict) or any(not isinstance(ck.get(k), kind) for k, kind in parts.items()):
         raise StateHubError(f"{path}: not a checkpoint of rwkv-state train (expected {', '.join(parts)}); "
