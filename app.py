@@ -2,7 +2,8 @@
 
 Configured by environment variables, each optional:
   RWKV_STATE_HUB_MODEL        base model .pth or hf://owner/repo/file.pth (default: the bundled tiny RWKV-5.2)
-  RWKV_STATE_HUB_STATES       comma-separated state files, folders, Hub repos (default: the bundled example states)
+  RWKV_STATE_HUB_STATES       comma-separated state files, folders, training runs, Hub repos (default: the bundled
+                              example states)
   RWKV_STATE_HUB_TOKENIZER    world | bytes | utf-16-le | tokenizer.json (default: from the vocab)
   RWKV_STATE_HUB_STRATEGY     rwkv pip strategy (default: cpu fp32)
   RWKV_STATE_HUB_CONCURRENCY  requests run at once (default: 2)

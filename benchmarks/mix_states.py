@@ -18,7 +18,7 @@ from rwkv_state_hub.data import load_dataset
 from rwkv_state_hub.evaluate import evaluate
 from rwkv_state_hub.tokenizer import get_tokenizer
 from rwkv_state_hub.toolbox import mix
-from rwkv_state_hub.train import TrainConfig, train
+from rwkv_state_hub.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"

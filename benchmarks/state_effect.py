@@ -21,7 +21,7 @@ from rwkv_state_hub.data import load_dataset
 from rwkv_state_hub.evaluate import loss_by_position
 from rwkv_state_hub.model import load_model
 from rwkv_state_hub.tokenizer import get_tokenizer
-from rwkv_state_hub.train import TrainConfig, train
+from rwkv_state_hub.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 CTX = 512

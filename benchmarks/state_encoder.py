@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rwkv_state_hub.train import TrainConfig, train
+from rwkv_state_hub.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,17 +1,67 @@
-"""rwkv-state-hub: train, check, convert and share RWKV state-tuning states, keyed to the exact base model."""
+"""rwkv-state-hub: train, share and use RWKV state-tuning states, keyed to the exact base model.
 
-__version__ = "0.1.0"
+    from rwkv_state_hub import RWKV, State, TrainConfig, train_state
+    model = RWKV.from_pretrained("RWKV-x070-World-0.1B.pth")
+    state = train_state(model, "train.jsonl", TrainConfig(steps=200))
+    state.save_pretrained("my-state", exports=("pth", "ai00"))
 
-from .checkpoint import ModelSpec, read_checkpoint, read_spec  # noqa: E402
-from .errors import StateHubError  # noqa: E402
-from .formats import detect_format, export_state, load_state, save_native  # noqa: E402
-from .hub import pull, push, search  # noqa: E402
-from .model import RWKV, LearnedState, RecurrentState, load_model  # noqa: E402
-from .pip_bridge import pip_state, state_from_pip  # noqa: E402
-from .state import State  # noqa: E402
+Names are imported on first use (PEP 562), so `import rwkv_state_hub` and the CLI's `--help` do not pay
+for torch.
+"""
 
-__all__ = [
-    "LearnedState", "ModelSpec", "RWKV", "RecurrentState", "State", "StateHubError", "__version__", "detect_format",
-    "export_state", "load_model", "load_state", "pip_state", "read_checkpoint", "read_spec", "save_native",
-    "state_from_pip", "pull", "push", "search",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "RWKV": ".model",
+    "load_model": ".model",
+    "State": ".state",
+    "ModelSpec": ".checkpoint",
+    "read_spec": ".checkpoint",
+    "load_state": ".formats",
+    "export_state": ".formats",
+    "TrainConfig": ".training",
+    "TrainResult": ".training",
+    "train_state": ".training",
+    "Sampling": ".generate",
+    "EvalResult": ".evaluate",
+    "push": ".hub",
+    "pull": ".hub",
+    "search": ".hub",
+    "pip_state": ".pip_bridge",
+    "state_from_pip": ".pip_bridge",
+    "StateHubError": ".errors",
+    "InvalidOptionError": ".errors",
+    "InvalidCheckpointError": ".errors",
+    "InvalidStateError": ".errors",
+    "ModelMismatchError": ".errors",
+    "InvalidDataError": ".errors",
+    "TokenizerError": ".errors",
+    "HubError": ".errors",
+    "HubEntryNotFoundError": ".errors",
+    "FileAccessError": ".errors",
+    "StateHubWarning": ".errors",
+    "OutputExistsError": ".errors",
+    "ConsumerError": ".errors",
+    "TrainingDiverged": ".errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rwkv_state_hub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+

@@ -46,11 +46,13 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
 
 
 def one_config(path: str, config: str, ctx: int, steps: int) -> dict:
-    """Runs in its own process: load the model, time `steps` training steps after one warm-up step."""
+    """Runs in its own process: load the model, time `steps` training steps after one warm-up step. Every
+    configuration runs the trainer's own step (training.step.train_step); naive swaps in its loss."""
     from .data import Batch
-    from .evaluate import batch_loss
-    from .model import LearnedState, load_model
+    from .model import load_model
     from .model.memory import peak_rss_bytes, plan_recompute
+    from .training import TrainConfig
+    from .training.step import new_learned, train_step
 
     os.environ["RWKV_STATE_HUB_WKV"] = "reference" if config == "naive" else "chunked"
     dtype = torch.bfloat16 if config.endswith("bf16") else torch.float32
@@ -60,25 +62,16 @@ def one_config(path: str, config: str, ctx: int, steps: int) -> dict:
         for p in model.parameters():
             p.requires_grad_(True)
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("emb."))
-    learned = LearnedState(model.spec)
-    opt = torch.optim.Adam(learned.parameters(), lr=1.0, betas=(0.9, 0.99), eps=1e-8)
+    learned, opt = new_learned(TrainConfig(), model.spec, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.spec.vocab_size, (1, ctx + 1), generator=g)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    batch = Batch(inputs, targets, torch.ones(1, ctx), torch.ones(1, ctx, dtype=torch.bool), ctx)
-    if config.startswith("lean"):  # as the trainer does under --memory-budget
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], torch.ones(1, ctx), torch.ones(1, ctx, dtype=torch.bool), ctx)
+    if config.startswith("lean"):  # as the trainer does under memory_budget
         model.recompute_layers = plan_recompute(model, 1, ctx, weights_bytes + LEAN_HEADROOM)
+    loss_fn = _full_logits_loss if config == "naive" else None  # None: the trainer's own loss
 
     def step() -> None:
-        opt.zero_grad()
-        model.zero_grad(set_to_none=True)
-        if config == "naive":  # full logits, as plain training code computes them
-            logits, _ = model(inputs, learned())
-            loss = torch.nn.functional.cross_entropy(logits[0], targets[0])
-        else:  # the trainer's own loss
-            loss = batch_loss(model, batch, learned())[0] / ctx
-        loss.backward()
-        opt.step()
+        train_step(model, learned, opt, [batch], loss_fn=loss_fn)
 
     step()
     t0 = time.perf_counter()
@@ -94,6 +87,15 @@ def one_config(path: str, config: str, ctx: int, steps: int) -> dict:
         "gflops": 4 * non_embedding * ctx / seconds / 1e9,
         "non_embedding_params": non_embedding,
     }
+
+
+def _full_logits_loss(model, batch, state) -> tuple[torch.Tensor, None]:
+    """What plain training code computes: full logits, then the cross-entropy (weights' gradients dropped
+    each step, as `zero_grad(set_to_none=True)` would)."""
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(batch.inputs, state, batch.mask)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")
+    return (nll * batch.loss_mask).sum(), None
 
 
 def run(archs: list[str], ctx: int = 512, steps: int = 3, configs: list[str] | None = None, out=print) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import ModelSpec
-from .errors import StateHubError
+from .errors import InvalidOptionError, option
 from .generate import DEFAULT_SAMPLING, Sampler, Sampling
 from .pip_bridge import pip_state
 from .prompt_format import TURN_END, clean_turn, turn_prompt
@@ -28,8 +28,8 @@ def parse_strategy(strategy: str) -> tuple[str, torch.dtype]:
     """'cpu fp32' -> ('cpu', float32): the device and activation dtype of a one-device pip strategy."""
     parts = strategy.split()
     if len(parts) != 2 or parts[1] not in _DTYPES:
-        raise StateHubError(f"strategy {strategy!r}: expected one device and one dtype, e.g. 'cpu fp32' or "
-                            "'cuda fp16'")
+        raise InvalidOptionError(f"{option('strategy', strategy)}: expected one device and one dtype, e.g. "
+                                 "'cpu fp32' or 'cuda fp16'")
     return parts[0], _DTYPES[parts[1]]
 
 
@@ -52,7 +52,7 @@ class PipRunner:
         """Read `text` into (a copy of) `state`: the logits after its last token, and the new state."""
         tokens = self.tokenizer.encode(text)
         if not tokens:
-            raise StateHubError("the prompt is empty: a model reads one token before it predicts one")
+            raise InvalidOptionError("the prompt is empty: a model reads one token before it predicts one")
         logits, state = self.model.forward(tokens, [t.clone() for t in state])
         return logits, state
 
@@ -97,7 +97,7 @@ class Conversation:
         """Feed the new user turn into this conversation's state and stream the reply (up to the blank line
         that ends it); the state keeps the reply, and the next turn continues from there."""
         if not clean_turn(message):
-            raise StateHubError("the message is empty")
+            raise InvalidOptionError("the message is empty")
         prompt = turn_prompt(message, self.last_reply)
         start = self.state if self.state is not None else runner.initial(initial)
         logits, state = runner.feed(prompt, start)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StateHubError
+from .errors import InvalidCheckpointError, StateHubError
 from .files import sha256_file
 
 ARCHITECTURES = ("v5.2", "v6", "v7")
@@ -83,38 +83,45 @@ class ModelSpec:
         return d
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    path: str | os.PathLike, error: type[StateHubError] = InvalidCheckpointError, where: str | None = None
+) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True over a memory map: no code runs from the file, and nothing it claims
-    (entry sizes, tensor sizes) costs more than the bytes really there."""
+    (entry sizes, tensor sizes) costs more than the bytes really there. `error`: the class raised for a bad
+    file (InvalidStateError when the file should be a state); `where`: the file's name in messages (default:
+    its path)."""
     path = Path(path)
+    where = where or str(path)
     if not path.is_file():
-        raise StateHubError(f"{path}: no such file")
-    sd, size = load_untrusted(path)
+        raise error(f"{where}: no such file")
+    sd, size = load_untrusted(path, error, where)
     if not isinstance(sd, dict):
-        raise StateHubError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+        raise error(f"{where}: expected a dict of tensors, found {type(sd).__name__}")
     if not sd:
-        raise StateHubError(f"{path}: the file holds an empty dict, no tensors")
+        raise error(f"{where}: the file holds an empty dict, no tensors")
     bad_key = next((k for k in sd if not isinstance(k, str)), None)
     if bad_key is not None:
-        raise StateHubError(f"{path}: expected tensor names, found the key {bad_key!r:.80}")
+        raise error(f"{where}: expected tensor names, found the key {bad_key!r:.80}")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise StateHubError(f"{path}: expected a dict of tensors, but {bad[0]!r:.80} is a {type(sd[bad[0]]).__name__}")
+        raise error(f"{where}: expected a dict of tensors, but {bad[0]!r:.80} is a {type(sd[bad[0]]).__name__}")
     claimed = sum(t.numel() * t.element_size() for t in sd.values())
     if claimed > size:  # views with stride 0, or many over one storage: copying them would cost that much
-        raise StateHubError(f"{path}: its tensors claim {claimed:,} bytes, more than the file's {size:,} "
-                            "(overlapping views): damaged or crafted")
+        raise error(f"{where}: its tensors claim {claimed:,} bytes, more than the file's {size:,} "
+                    "(overlapping views): damaged or crafted")
     return sd
 
 
-def load_untrusted(path: Path) -> tuple[object, int]:
+def load_untrusted(path: Path, error: type[StateHubError] = InvalidCheckpointError,
+                   where: str | None = None) -> tuple[object, int]:
     """Whatever a torch.save file holds, and the file's size: the zip is checked first (check_torch_zip) and
     torch.load runs with weights_only=True, so no code runs and nothing costs more than the bytes there."""
-    size = check_torch_zip(path)
+    where = where or str(path)
+    size = check_torch_zip(path, error, where)
     try:
         return _torch_load(path), size
     except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault
-        raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(e)})") from None
+        raise error(f"{where}: not a readable PyTorch checkpoint ({_load_failure(e)})") from None
 
 
 def _torch_load(path: Path) -> object:
@@ -132,10 +139,11 @@ def _torch_load(path: Path) -> object:
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
-def check_torch_zip(path: Path) -> int:
+def check_torch_zip(path: Path, error: type[StateHubError] = InvalidCheckpointError, where: str | None = None) -> int:
     """Refuse, from the zip's central directory alone, what would make torch.load cost more than the file's size:
     compressed entries (torch.save stores them), sizes beyond the file, absurd counts or names; and the legacy
     pre-zip format, whose storage sizes are numbers inside the pickle. Returns the file's size."""
+    where = where or str(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -144,17 +152,17 @@ def check_torch_zip(path: Path) -> int:
             with zipfile.ZipFile(path) as z:
                 entries = z.infolist()
     except OSError as e:
-        raise StateHubError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise error(f"{where}: cannot read ({e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001 - BadZipFile and friends: the file's fault
         reason = " ".join(str(e).split())[:160]
-        raise StateHubError(f"{path}: not a readable PyTorch checkpoint (not a torch.save zip: {reason})") from None
+        raise error(f"{where}: not a readable PyTorch checkpoint (not a torch.save zip: {reason})") from None
     if legacy:
-        raise StateHubError(f"{path}: not a readable PyTorch checkpoint (refused: the legacy pre-zip torch.save "
-                            "format, whose sizes cannot be checked before loading; re-save it with a current "
-                            "torch.save)")
+        raise error(f"{where}: not a readable PyTorch checkpoint (refused: the legacy pre-zip torch.save "
+                    "format, whose sizes cannot be checked before loading; re-save it with a current "
+                    "torch.save)")
     problem = _zip_problem(entries, size)
     if problem:
-        raise StateHubError(f"{path}: not a readable PyTorch checkpoint ({problem})")
+        raise error(f"{where}: not a readable PyTorch checkpoint ({problem})")
     return size
 
 
@@ -191,10 +199,10 @@ def detect_arch(sd: dict[str, torch.Tensor], where: str = "checkpoint") -> str:
     keys = sd.keys()
     if "emb.weight" not in keys or not any(_BLOCK_KEY.match(k) for k in keys):
         found = ", ".join(repr(k)[1:-1][:60] for k in sorted(keys)[:3])  # escaped: one line whatever the key
-        raise StateHubError(f"{where}: not an RWKV model checkpoint (no emb.weight / blocks.*; found {found})")
+        raise InvalidCheckpointError(f"{where}: not an RWKV model checkpoint (no emb.weight / blocks.*; found {found})")
     if "blocks.0.att.r_k" in keys or "blocks.0.att.x_r" in keys:
         if any(".ffn.s_emb" in k for k in keys):
-            raise StateHubError(f"{where}: RWKV-7 DeepEmbed checkpoint; only plain x070 models are supported")
+            raise InvalidCheckpointError(f"{where}: RWKV-7 DeepEmbed checkpoint; only plain x070 models are supported")
         return "v7"
     if "blocks.0.att.time_maa_x" in keys:
         return "v6"
@@ -203,10 +211,10 @@ def detect_arch(sd: dict[str, torch.Tensor], where: str = "checkpoint") -> str:
         if "blocks.0.att.gate.weight" in keys and decay is not None and decay.dim() == 2 and decay.shape[1] > 1:
             return "v5.2"
         version = "v5.1" if "blocks.0.att.gate.weight" in keys else "v5.0"
-        raise StateHubError(f"{where}: RWKV {version} checkpoint; supported are v5.2, v6 (x060) and v7 (x070)")
+        raise InvalidCheckpointError(f"{where}: RWKV {version} checkpoint; supported are v5.2, v6 (x060) and v7 (x070)")
     if "blocks.0.att.time_mix_k" in keys:
-        raise StateHubError(f"{where}: RWKV-4 checkpoint (no wkv matrix state); supported are v5.2, v6 and v7")
-    raise StateHubError(f"{where}: unrecognised RWKV checkpoint layout; supported are v5.2, v6 and v7")
+        raise InvalidCheckpointError(f"{where}: RWKV-4 checkpoint (no wkv matrix state); supported are v5.2, v6 and v7")
+    raise InvalidCheckpointError(f"{where}: unrecognised RWKV checkpoint layout; supported are v5.2, v6 and v7")
 
 
 def _expected_shapes(arch: str, layer: int, C: int, H: int, N: int, F: int) -> dict[str, tuple]:
@@ -261,7 +269,8 @@ def _count_layers(sd: dict[str, torch.Tensor], where: str) -> int:
     n_layer = len(found)
     if max(found) >= n_layer:
         missing = min(set(range(n_layer)) - found)
-        raise StateHubError(f"{where}: block {missing} is missing ({n_layer} blocks, the last numbered {max(found)})")
+        raise InvalidCheckpointError(
+            f"{where}: block {missing} is missing ({n_layer} blocks, the last numbered {max(found)})")
     return n_layer
 
 
@@ -271,15 +280,15 @@ def spec_from_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike | 
     arch = detect_arch(sd, where)
     for key in ("emb.weight", "blocks.0.ffn.key.weight"):
         if key in sd and sd[key].dim() != 2:
-            raise StateHubError(f"{where}: {key} has shape {list(sd[key].shape)}, expected a matrix")
+            raise InvalidCheckpointError(f"{where}: {key} has shape {list(sd[key].shape)}, expected a matrix")
     vocab, C = sd["emb.weight"].shape
     n_layer = _count_layers(sd, where)
     head_key = "blocks.0.att.r_k" if arch == "v7" else "blocks.0.att.time_faaaa"
     if head_key not in sd or sd[head_key].dim() != 2:
-        raise StateHubError(f"{where}: {arch} checkpoint without a 2-D {head_key}, cannot tell the head size")
+        raise InvalidCheckpointError(f"{where}: {arch} checkpoint without a 2-D {head_key}, cannot tell the head size")
     H, N = sd[head_key].shape
     if H * N != C:
-        raise StateHubError(f"{where}: {H} heads x {N} does not match n_embd {C}")
+        raise InvalidCheckpointError(f"{where}: {H} heads x {N} does not match n_embd {C}")
     F = sd["blocks.0.ffn.key.weight"].shape[0] if "blocks.0.ffn.key.weight" in sd else 0
     expected = {"emb.weight": (vocab, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
                 "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (vocab, C)}
@@ -287,13 +296,13 @@ def spec_from_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike | 
         expected.update(_expected_shapes(arch, layer, C, H, N, F))
     for key, shape in expected.items():
         if key not in sd:
-            raise StateHubError(f"{where}: {arch} checkpoint is missing {key}")
+            raise InvalidCheckpointError(f"{where}: {arch} checkpoint is missing {key}")
         t = sd[key]
         if not _shape_ok(t.shape, shape):
             want = "x".join("?" if d is None else str(d) for d in shape)
-            raise StateHubError(f"{where}: {key} has shape {list(t.shape)}, expected {want}")
+            raise InvalidCheckpointError(f"{where}: {key} has shape {list(t.shape)}, expected {want}")
         if t.dtype not in FLOAT_DTYPES:
-            raise StateHubError(f"{where}: {key} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+            raise InvalidCheckpointError(f"{where}: {key} has dtype {t.dtype}; expected float32, float16 or bfloat16")
     dtype = str(sd["emb.weight"].dtype).removeprefix("torch.")
     has_time_state = any(k.endswith(".att.time_state") for k in sd)
     n_params = sum(t.numel() for k, t in sd.items() if not k.endswith(".time_state"))
@@ -321,7 +330,7 @@ def raise_if_nonfinite_weights(sd: dict[str, torch.Tensor], where: str | os.Path
     bad = nonfinite_tensors(sd)
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise StateHubError(f"{where}: the weights hold NaN or inf ({bad[0]}{more}); the model cannot work")
+        raise InvalidCheckpointError(f"{where}: the weights hold NaN or inf ({bad[0]}{more}); the model cannot work")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, torch.Tensor]]:

@@ -6,28 +6,47 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import click
 
-from . import __version__
-from .checkpoint import raise_if_nonfinite_weights, read_checkpoint, read_spec
-from .errors import StateHubError
-from .formats import FORMATS, PTH_DTYPES, export_state, load_state, save_native
-from .info import describe
+from ._version import __version__
+from .errors import FileAccessError, InvalidOptionError, StateHubError, StateHubWarning, speak_cli
+from .formats import DTYPES, FORMAT_ALIASES, FORMATS
+
+# Library modules (torch, huggingface_hub, gradio behind them) are imported inside the commands, so that
+# `--help` and `--version` start in a fraction of a second; tests/test_cli_startup.py keeps it so.
 
 
 class _Group(click.Group):
-    """Turns a StateHubError, or the operating system refusing a read or write, into one line and exit
-    status 1, never a traceback."""
+    """Runs a command with messages that name flags (`--force`, not `force=True`), and turns a StateHubError, or
+    the operating system refusing a read or write, into one line and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context):
+        speak_cli()
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                warnings.simplefilter("always", StateHubWarning)
+                return super().invoke(ctx)
         except StateHubError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:
             where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None
+        finally:
+            speak_cli(False)  # a caller in the same process (a test, a notebook) gets Python's words back
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's StateHubWarnings as one `warning:` line each; any other warning as Python shows it."""
+    if issubclass(category, StateHubWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
 
 
 class _ModelPath(click.ParamType):
@@ -46,6 +65,20 @@ class _ModelPath(click.ParamType):
 
 
 MODEL_PATH = _ModelPath()
+
+
+class _Choice(click.Choice):
+    """A click.Choice that also takes older names (`aliases`, not shown) and returns the current one."""
+
+    def __init__(self, choices, aliases: dict[str, str]) -> None:
+        super().__init__(choices)
+        self.aliases = aliases
+
+    def convert(self, value, param, ctx):
+        return super().convert(self.aliases.get(value, value), param, ctx)
+
+
+FORMAT = _Choice(FORMATS, FORMAT_ALIASES)
 
 
 class _Finite(click.FloatRange):
@@ -69,8 +102,8 @@ def _sampling_options(f):
 
     helps = {"temperature": "0 = greedy (over the penalised logits).", "top_p": "Keep the likeliest tokens up to "
              "this probability.", "presence_penalty": "Subtracted from the logit of each token already in the reply.",
-             "frequency_penalty": "Subtracted from a logit once per time its token is in the reply.", "seed": "",
-             "max_tokens": ""}
+             "frequency_penalty": "Subtracted from a logit once per time its token is in the reply.",
+             "seed": "Random seed of the sampling.", "max_tokens": "Longest continuation, in tokens."}
     for name in reversed(LIMITS):
         low, high = LIMITS[name]
         kind = click.IntRange(low, high) if name in ("max_tokens", "seed") else _Finite(low, high)
@@ -83,6 +116,7 @@ def _sampling_options(f):
 @click.version_option(__version__, prog_name="rwkv-state")
 def cli() -> None:
     """Train, check, convert and share RWKV state-tuning states (v5.2, v6, v7)."""
+    speak_cli()  # as _Group.invoke does, around this callback and the command
     # file names that are not valid UTF-8 print with backslash escapes instead of stopping the command
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
@@ -97,9 +131,17 @@ def _print_info(d: dict, indent: str = "") -> None:
         elif isinstance(value, list):
             click.echo(f"{indent}{key}:" + ("" if value else " none"))
             for item in value:
-                click.echo(f"{indent}  - {item}")
+                click.echo(f"{indent}  - {_one_line(item) if isinstance(item, dict) else item}")
         else:
             click.echo(f"{indent}{key}: {value}")
+
+
+def _one_line(d: dict) -> str:
+    """A list entry that is a table (a mix's parent) on one line, a sha256 cut to 12 digits:
+    `file a.safetensors, weight 0.7, sha256 0123456789ab, method baked`."""
+    first = ("file", "weight", "sha256")
+    items = sorted(d.items(), key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first))
+    return ", ".join(f"{k} {str(v)[:12] if k == 'sha256' else v}" for k, v in items if v is not None)
 
 
 @cli.command()
@@ -107,6 +149,8 @@ def _print_info(d: dict, indent: str = "") -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def info(file: str, as_json: bool) -> None:
     """Describe a checkpoint or a state file (any format): architecture, dims, sha256, who can load it."""
+    from .info import describe
+
     d = describe(file)
     if as_json:
         click.echo(json.dumps(d, indent=2, default=str))
@@ -120,6 +164,9 @@ def info(file: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Report problems but exit 0.")
 def check(state: str, model: str, force: bool) -> None:
     """Does STATE fit the base model: layers, heads, head size, dtype, finite values, base-model sha256."""
+    from .checkpoint import raise_if_nonfinite_weights, read_checkpoint
+    from .formats import load_state
+
     spec, weights = read_checkpoint(model)
     raise_if_nonfinite_weights(weights, model)
     s = load_state(state)
@@ -134,22 +181,30 @@ def check(state: str, model: str, force: bool) -> None:
 
 @cli.command()
 @click.argument("state", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Target format.")
+@click.option("--format", "fmt", type=FORMAT, required=True,
+              help="safetensors: ours, pth: Runner/PEFT/pip, ai00: Ai00, merged: the base model with the state in.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
-@click.option("--dtype", type=click.Choice(list(PTH_DTYPES)), default="fp32", show_default=True,
-              help="Tensor dtype of a pth export.")
+@click.option("--dtype", type=click.Choice(DTYPES),
+              help="Tensor dtype, where the format has a choice: pth takes fp32 (its default), bf16 or fp16; "
+                   "safetensors and merged are fp32, ai00 is fp16 (Ai00 reads nothing else).")
 @click.option("--model", "model", type=MODEL_PATH,
               help="Base model: checked against, recorded in the output; required for --format merged.")
 @click.option("--force", is_flag=True, help="Export even if the state does not fit --model.")
-def export(state: str, fmt: str, output: str, dtype: str, model: str | None, force: bool) -> None:
+def export(state: str, fmt: str, output: str, dtype: str | None, model: str | None, force: bool) -> None:
     """Convert STATE to another consumer's format (pth: Runner/PEFT/pip, ai00: Ai00, merged: pip v5/v6)."""
+    from .checkpoint import read_spec
+    from .formats import export_state, format_notes, load_state
+
+    if fmt == "merged" and not model:
+        raise InvalidOptionError("--format merged needs the base model: pass --model BASE.pth")
     s = load_state(state)
     if model:
         spec = read_spec(model)
         for p in s.check(spec, force=force):
             click.echo(f"warning: {p}", err=True)
         s = s.with_model(spec)
-    for note in export_state(s, output, fmt, dtype=dtype, base_model=model, force=force):
+    export_state(s, output, fmt, dtype=dtype, base_model=model, force=force)
+    for note in format_notes(s, fmt):
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {output} ({fmt})")
 
@@ -166,18 +221,18 @@ def _load_config(path: str) -> dict:
         with open(path, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
+        raise FileAccessError(f"{path}: cannot read ({e.strerror})") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise StateHubError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config file")
+        raise InvalidOptionError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config file")
     try:
         return {k.replace("-", "_"): v for k, v in tomllib.loads(raw.decode("utf-8")).items()}
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise StateHubError(f"{path}:{line}: not UTF-8 text") from None
+        raise InvalidOptionError(f"{path}:{line}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
-        raise StateHubError(f"{path}: not valid TOML ({str(e).splitlines()[0][:160]})") from None
+        raise InvalidOptionError(f"{path}: not valid TOML ({str(e).splitlines()[0][:160]})") from None
     except RecursionError:
-        raise StateHubError(f"{path}: not valid TOML (nested too deeply)") from None
+        raise InvalidOptionError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def _split_list(values: tuple[str, ...]) -> list[str]:
@@ -215,13 +270,16 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
 @click.option("--kernel", type=click.Choice(["auto", "torch", "cuda"]),
               help="WKV: cuda = the CUDA kernels (not yet verified on a GPU); auto = torch for now.  [default: auto]")
 @click.option("--export", "exports", multiple=True, help="Also write consumer formats: pth, ai00 (comma-separated).")
+@click.option("--report-to", "report_to", multiple=True,
+              help="Also log each step to trackio, wandb or tensorboard (comma-separated; each needs its package).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Check model, data and tokenizer, show a sample; train nothing.")
-def train(config_file, resume, dry_run, exports, data, val_data, **options) -> None:
+def train(config_file, resume, dry_run, exports, report_to, data, val_data, **options) -> None:
     """Learn the initial state of a frozen RWKV model on your data (state tuning)."""
-    from .train import TrainConfig, summary
-    from .train import dry_run as describe_run
-    from .train import train as run_training
+    from .errors import InvalidOptionError
+    from .training import TrainConfig, summary
+    from .training import dry_run as describe_run
+    from .training import train as run_training
 
     settings = _load_config(config_file) if config_file else {}
     given = {k: v for k, v in options.items() if v is not None}
@@ -231,14 +289,16 @@ def train(config_file, resume, dry_run, exports, data, val_data, **options) -> N
         given["val_data"] = list(val_data)
     if exports:
         given["export"] = _split_list(exports)
+    if report_to:
+        given["report_to"] = _split_list(report_to)
     settings.update(given)
     for required in ("model", "data"):
         if not settings.get(required):
-            raise StateHubError(f"--{required} is required (on the command line or in --config)")
+            raise InvalidOptionError(f"--{required} is required (on the command line or in --config)")
     settings["model"] = MODEL_PATH.convert(settings["model"], None, None)  # hf:// from a --config file too
     cfg = TrainConfig.from_dict(settings, config_file, file_keys=set(settings) - set(given))
     if dry_run:
-        click.echo(describe_run(cfg))
+        click.echo(describe_run(cfg, color=sys.stdout.isatty()))
         return
     result = run_training(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
@@ -252,7 +312,8 @@ def train(config_file, resume, dry_run, exports, data, val_data, **options) -> N
 @click.option("--few-shot-data", help="Draw a few-shot prompt from this (training) data for the comparison row.")
 @click.option("--shots", type=COUNT, default=3, show_default=True, help="Samples in the few-shot prompt.")
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
-@click.option("--ctx-len", type=COUNT, default=512, show_default=True)
+@click.option("--ctx-len", type=COUNT, default=512, show_default=True,
+              help="Tokens per sample, as in training (longer samples are cut).")
 @click.option("--force", is_flag=True, help="Evaluate a state made for another base model anyway.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, as_json) -> None:
@@ -280,6 +341,7 @@ def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, 
 def generate(model, state_path, prompt, samples, tokenizer, force, **sampling) -> None:
     """Continue a prompt with the base model and, with --state, with the tuned state, side by side.
     The sampling defaults are the demo page's: the same seed and settings give the same text."""
+    from .formats import load_state
     from .generate import DEFAULT_SAMPLING
     from .generate import generate as run
     from .model import load_model
@@ -293,7 +355,7 @@ def generate(model, state_path, prompt, samples, tokenizer, force, **sampling) -
         for p in state.check(m.spec, force=force):
             click.echo(f"warning: {p}", err=True)
     if not prompt:
-        raise StateHubError("--prompt is empty: a model reads one token before it predicts one")
+        raise InvalidOptionError("--prompt is empty: a model reads one token before it predicts one")
     tok.encode(prompt)  # text that is not valid Unicode fails here, before any output
     settings = DEFAULT_SAMPLING.but(**sampling)
     columns = [("base model", None)] + ([(f"state {state_path}", state)] if state else [])
@@ -309,24 +371,27 @@ def generate(model, state_path, prompt, samples, tokenizer, force, **sampling) -
 @click.option("--prompt", help="The text to bake into a state.")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a file.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output state.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="safetensors", show_default=True)
+@click.option("--format", "fmt", type=FORMAT, default="safetensors", show_default=True,
+              help="Output format (as in export); only safetensors keeps the token shift a baked state has.")
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
 def bake(model, prompt, prompt_file, output, fmt, tokenizer) -> None:
     """Run a prompt through the model and save the state it leaves: a state without training."""
+    from .formats import export_state, format_notes
     from .model import load_model
     from .tokenizer import get_tokenizer
     from .toolbox import bake as run
 
     if (prompt is None) == (prompt_file is None):
-        raise StateHubError("give exactly one of --prompt and --prompt-file")
+        raise InvalidOptionError("give exactly one of --prompt and --prompt-file")
     if prompt_file:
         try:
             prompt = open(prompt_file, encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as e:
-            raise StateHubError(f"{prompt_file}: cannot read as UTF-8 text ({e})") from None
+            raise InvalidOptionError(f"{prompt_file}: cannot read as UTF-8 text ({e})") from None
     m = load_model(model)
     state = run(m, get_tokenizer(tokenizer, m.spec), prompt)
-    for note in export_state(state, output, fmt, base_model=model if fmt == "merged" else None):
+    export_state(state, output, fmt, base_model=model if fmt == "merged" else None)
+    for note in format_notes(state, fmt):
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {output}: {state.metadata['training']['prompt_tokens']} prompt tokens baked into a "
                f"{state.dims()} state for {m.spec.name}")
@@ -335,9 +400,10 @@ def bake(model, prompt, prompt_file, output, fmt, tokenizer) -> None:
 @cli.command()
 @click.argument("states", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--weights", required=True, help="Comma-separated, one per state, e.g. 0.7,0.3.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output state (native).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output state (safetensors).")
 def mix(states, weights, output) -> None:
     """A weighted combination of states made for the same base model."""
+    from .formats import load_state, save_native
     from .toolbox import mix as run
 
     try:
@@ -345,9 +411,9 @@ def mix(states, weights, output) -> None:
     except ValueError:
         w = []
     if not w or not all(math.isfinite(x) for x in w):
-        raise StateHubError(f"--weights {weights[:80]}: expected finite numbers separated by commas")
-    mixed = run([load_state(s) for s in states], w)
-    save_native(mixed, output)
+        raise InvalidOptionError(f"--weights {weights[:80]}: expected finite numbers separated by commas")
+    loaded = [load_state(s) for s in states]
+    save_native(run(loaded, w), output)
     click.echo(f"wrote {output}: " + " + ".join(f"{x:g} x {s}" for x, s in zip(w, states, strict=True)))
 
 
@@ -357,6 +423,7 @@ def mix(states, weights, output) -> None:
 @click.option("--png", type=click.Path(dir_okay=False), help="Also save the table as a heatmap PNG.")
 def diff(a, b, png) -> None:
     """Per-layer, per-head relative difference ||A - B|| / max(||A||, ||B||) of two states."""
+    from .formats import load_state
     from .plot import save_heatmap
     from .toolbox import diff as run
     from .toolbox import diff_table
@@ -377,7 +444,8 @@ def _hub_options(f):
 @cli.command()
 @click.argument("state", type=click.Path(dir_okay=False))
 @click.argument("repo_id")
-@click.option("--model", help="The base model (.pth or hf://owner/repo/file.pth): checked, and recorded in the repo.")
+@click.option("--model", metavar="MODEL",
+              help="The base model (.pth or hf://owner/repo/file.pth): checked, and recorded in the repo.")
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--revision", help="Branch to commit to (created if missing).  [default: main]")
 @click.option("--exports", default="pth,ai00", show_default=True,
@@ -398,9 +466,11 @@ def push(state, repo_id, model, private, revision, exports, force, token, endpoi
 
 @cli.command()
 @click.argument("repo_id")
-@click.option("--model", help="The base model you have (.pth or hf://owner/repo/file.pth): the state must be made "
-                              "for it.")
-@click.option("--format", "fmt", type=click.Choice(["native", "pth", "ai00"]), default="native", show_default=True)
+@click.option("--model", metavar="MODEL",
+              help="The base model you have (.pth or hf://owner/repo/file.pth): the state must be made for it.")
+@click.option("--format", "fmt", type=_Choice([f for f in FORMATS if f != "merged"], FORMAT_ALIASES),
+              default="safetensors", show_default=True, help="Which of the repo's files: safetensors (ours), pth or "
+              "ai00.")
 @click.option("-o", "--output", type=click.Path(), help="Write the verified file here (a file or a folder).")
 @click.option("--revision", help="Branch, tag or commit.  [default: main]")
 @click.option("--force", is_flag=True, help="Use a state made for another base model anyway.")
@@ -420,9 +490,10 @@ def pull(repo_id, model, fmt, output, revision, force, token, endpoint) -> None:
 
 
 @cli.command()
-@click.option("--model", help="A base model (.pth or hf://owner/repo/file.pth; a Hub model is not downloaded).")
+@click.option("--model", metavar="MODEL",
+              help="A base model (.pth or hf://owner/repo/file.pth; a Hub model is not downloaded).")
 @click.option("--sha256", help="The sha256 of the base model file.")
-@click.option("--limit", type=COUNT, default=100, show_default=True)
+@click.option("--limit", type=COUNT, default=100, show_default=True, help="List at most this many states.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @_hub_options
 def search(model, sha256, limit, as_json, token, endpoint) -> None:
@@ -463,10 +534,12 @@ def bench(arch, ctx, steps, configs) -> None:
 
 
 @cli.command()
-@click.option("--model", help="Base model .pth (or hf://owner/repo/file.pth).  [default: the bundled example "
-                              "model, with the bundled states when --states is not given]")
+@click.option("--model", metavar="MODEL", help="Base model .pth (or hf://owner/repo/file.pth).  [default: the "
+                                                 "bundled example model, with the bundled states when --states is "
+                                                 "not given]")
 @click.option("--states", "states", multiple=True,
-              help="A state file, a folder of them, or a Hub repo (owner/name). Repeatable.")
+              help="A state file, a folder of them, a training run's folder (or a folder of runs), or a Hub "
+                   "repo (owner/name). Repeatable.")
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
 @click.option("--strategy", default="cpu fp32", show_default=True, help="rwkv pip strategy: one device, one dtype.")
 @click.option("--host", help="Address to listen on.  [default: 127.0.0.1, or $GRADIO_SERVER_NAME]")
@@ -499,6 +572,7 @@ _add_plugin_commands()
 
 
 def main() -> None:
+    speak_cli()
     cli(prog_name="rwkv-state")
 
 

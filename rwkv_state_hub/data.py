@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .errors import StateHubError
+from .errors import InvalidDataError, InvalidOptionError, option
 from .files import atomic_write
 from .prompt_format import ROLES, Message, chat_segments, clean_turn, instruction_segments
 from .tokenizer import Tokenizer, lone_surrogate
@@ -111,24 +111,24 @@ def _chat_messages(messages: object, where: str = "messages") -> list[Message]:
     """A "messages" value checked as training data: role and content strings, at least one assistant turn,
     none of them empty. The text it renders to is prompt_format's, the same that generation sends."""
     if not isinstance(messages, list):
-        raise StateHubError(f'{where}: "messages" must be a list, found {_kind(messages)}')
+        raise InvalidDataError(f'{where}: "messages" must be a list, found {_kind(messages)}')
     checked: list[Message] = []
     for j, message in enumerate(messages):
         at = f"{where}: messages[{j}]"
         if not isinstance(message, dict):
-            raise StateHubError(f"{at} must be an object with role and content, found {_kind(message)}")
+            raise InvalidDataError(f"{at} must be an object with role and content, found {_kind(message)}")
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
             found = repr(role)[:40] if isinstance(role, str) else _kind(role)
-            raise StateHubError(f"{at}: role must be one of system, user, assistant, found {found}")
+            raise InvalidDataError(f"{at}: role must be one of system, user, assistant, found {found}")
         content = message.get("content")
         if not isinstance(content, str):
-            raise StateHubError(f'{at}: "content" must be a string, found {_kind(content)}')
+            raise InvalidDataError(f'{at}: "content" must be a string, found {_kind(content)}')
         if role == "assistant" and not clean_turn(content):
-            raise StateHubError(f"{at}: the assistant turn is empty, nothing to train on")
+            raise InvalidDataError(f"{at}: the assistant turn is empty, nothing to train on")
         checked.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in checked):
-        raise StateHubError(f"{where}: no assistant turn, nothing to train on")
+        raise InvalidDataError(f"{where}: no assistant turn, nothing to train on")
     return checked
 
 
@@ -137,21 +137,21 @@ def _answer_segments(obj: dict, where: str) -> list[tuple[str, bool]]:
     if "prompt" in obj or "response" in obj:
         prompt, response = (_string_field(obj, key, where) for key in ("prompt", "response"))
         if not response:
-            raise StateHubError(f'{where}: "response" is empty, nothing to train on')
+            raise InvalidDataError(f'{where}: "response" is empty, nothing to train on')
         return chat_segments([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
     instruction, output = (_string_field(obj, key, where) for key in ("instruction", "output"))
     given = _string_field(obj, "input", where) if obj.get("input") is not None else ""
     if not output:
-        raise StateHubError(f'{where}: "output" is empty, nothing to train on')
+        raise InvalidDataError(f'{where}: "output" is empty, nothing to train on')
     return instruction_segments(instruction, given, output)
 
 
 def _string_field(obj: dict, key: str, where: str) -> str:
     if key not in obj:
-        raise StateHubError(f'{where}: missing "{key}"')
+        raise InvalidDataError(f'{where}: missing "{key}"')
     value = obj[key]
     if not isinstance(value, str):
-        raise StateHubError(f'{where}: "{key}" must be a string, found {_kind(value)}')
+        raise InvalidDataError(f'{where}: "{key}" must be a string, found {_kind(value)}')
     return clean_turn(value)
 
 
@@ -186,7 +186,7 @@ def encode_segments(segments: list[tuple[str, bool]], tokenizer: Tokenizer) -> t
 
 def _record(obj: object, tokenizer: Tokenizer, where: str) -> tuple[list[int], list[int]]:
     if not isinstance(obj, dict):
-        raise StateHubError(f"{where}: expected a JSON object, found {_kind(obj)}")
+        raise InvalidDataError(f"{where}: expected a JSON object, found {_kind(obj)}")
     if "messages" in obj:
         return encode_segments(chat_segments(_chat_messages(obj["messages"], where)), tokenizer)
     if "tokens" in obj or isinstance(obj.get("text"), list):
@@ -194,36 +194,36 @@ def _record(obj: object, tokenizer: Tokenizer, where: str) -> tuple[list[int], l
     if "text" in obj:
         text = obj["text"]
         if not isinstance(text, str):
-            raise StateHubError(f'{where}: "text" must be a string (or a list of token ids with "mask"), '
-                                f"found {_kind(text)}")
+            raise InvalidDataError(f'{where}: "text" must be a string (or a list of token ids with "mask"), '
+                                   f"found {_kind(text)}")
         tokens = tokenizer.encode(text) + ([tokenizer.eod] if tokenizer.eod is not None else [])
         return tokens, [1] * len(tokens)
     if any(key in obj for key in ("prompt", "response", "instruction", "output")):
         return encode_segments(_answer_segments(obj, where), tokenizer)
     keys = ", ".join(json.dumps(k)[:40] for k in list(obj)[:5]) or "no keys"  # escaped: one line whatever they hold
-    raise StateHubError(f"{where}: unrecognised sample ({keys}); accepted: {ACCEPTED}")
+    raise InvalidDataError(f"{where}: unrecognised sample ({keys}); accepted: {ACCEPTED}")
 
 
 def _given_tokens(obj: dict, where: str) -> tuple[list[int], list[int]]:
     key = "tokens" if "tokens" in obj else "text"
     tokens = obj[key]
     if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
-        raise StateHubError(f'{where}: "{key}" must be a list of integer token ids')
+        raise InvalidDataError(f'{where}: "{key}" must be a list of integer token ids')
     mask = obj.get("mask", [1] * len(tokens))
     if not isinstance(mask, list):
-        raise StateHubError(f'{where}: "mask" must be a list of 0/1, found {_kind(mask)}')
+        raise InvalidDataError(f'{where}: "mask" must be a list of 0/1, found {_kind(mask)}')
     if len(mask) != len(tokens):
-        raise StateHubError(f'{where}: "{key}" has {len(tokens)} ids but "mask" has {len(mask)} values')
+        raise InvalidDataError(f'{where}: "{key}" has {len(tokens)} ids but "mask" has {len(mask)} values')
     bad = next((m for m in mask if type(m) is not int or m not in (0, 1)), None)
     if bad is not None:
-        raise StateHubError(f'{where}: "mask" values must be 0 or 1, found {bad!r}')
+        raise InvalidDataError(f'{where}: "mask" values must be 0 or 1, found {bad!r}')
     return tokens, mask
 
 
 def _check_ids(tokens: Sequence[int], vocab_size: int, where: str) -> None:
     if tokens and (min(tokens) < 0 or max(tokens) >= vocab_size):
         bad = next(t for t in tokens if not 0 <= t < vocab_size)
-        raise StateHubError(f"{where}: token id {bad} is outside the vocabulary (vocab size {vocab_size})")
+        raise InvalidDataError(f"{where}: token id {bad} is outside the vocabulary (vocab size {vocab_size})")
 
 
 def windows(n: int, ctx_len: int) -> list[tuple[int, int]]:
@@ -238,14 +238,13 @@ def windows(n: int, ctx_len: int) -> list[tuple[int, int]]:
 
 def _read_jsonl(path: Path, name: str, tokenizer: Tokenizer, ctx_len: int, vocab_size: int) -> tuple[list, int]:
     data = _read_bytes(path, name)
-    samples: list[Sample] = []
-    truncated = 0
+    records = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         where = f"{name}:{number}"
         try:
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            raise StateHubError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+            raise InvalidDataError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
         if not line.strip():
             continue
         try:
@@ -253,13 +252,25 @@ def _read_jsonl(path: Path, name: str, tokenizer: Tokenizer, ctx_len: int, vocab
         except json.JSONDecodeError as e:
             spread = number == 1 and line.strip() in ("[", "{")
             hint = " (one JSON value over several lines? write one object per line: JSON Lines)" if spread else ""
-            raise StateHubError(f"{where}: bad JSON: {e.msg} at column {e.colno}{hint}") from None
+            raise InvalidDataError(f"{where}: bad JSON: {e.msg} at column {e.colno}{hint}") from None
         except RecursionError:
-            raise StateHubError(f"{where}: bad JSON: nested too deeply") from None
+            raise InvalidDataError(f"{where}: bad JSON: nested too deeply") from None
         except ValueError as e:  # e.g. an integer of more digits than Python converts
-            raise StateHubError(f"{where}: bad JSON: {str(e).split(';')[0].splitlines()[0][:120]}") from None
+            raise InvalidDataError(f"{where}: bad JSON: {str(e).split(';')[0].splitlines()[0][:120]}") from None
         if _SURROGATE_ESCAPE.search(raw):
             _refuse_lone_surrogates(obj, where)
+        records.append((obj, where))
+    if not records:
+        raise InvalidDataError(f"{name}: no samples (only blank lines)")
+    return _samples(records, tokenizer, ctx_len, vocab_size)
+
+
+def _samples(records: list[tuple[object, str]], tokenizer: Tokenizer, ctx_len: int,
+             vocab_size: int) -> tuple[list[Sample], int]:
+    """Parsed records (each with where it came from) -> samples cut to ctx_len + 1 tokens, and how many were cut."""
+    samples: list[Sample] = []
+    truncated = 0
+    for obj, where in records:
         tokens, mask = _record(obj, tokenizer, where)
         _check_ids(tokens, vocab_size, where)
         cut = len(tokens) > ctx_len + 1
@@ -269,10 +280,8 @@ def _read_jsonl(path: Path, name: str, tokenizer: Tokenizer, ctx_len: int, vocab
         sample = Sample(tokens, mask, where)
         if sample.n_trained == 0:
             within = f" within its first {ctx_len + 1} tokens (ctx_len {ctx_len})" if cut else ""
-            raise StateHubError(f"{where}: nothing to train on{within}: no token after the first has mask 1")
+            raise InvalidDataError(f"{where}: nothing to train on{within}: no token after the first has mask 1")
         samples.append(sample)
-    if not samples:
-        raise StateHubError(f"{name}: no samples (only blank lines)")
     return samples, truncated
 
 
@@ -284,7 +293,7 @@ def _refuse_lone_surrogates(obj: object, where: str) -> None:
         if isinstance(item, str):
             why = lone_surrogate(item)
             if why is not None:
-                raise StateHubError(f"{where}: {why}; JSON escapes \\ud800-\\udfff must come in pairs")
+                raise InvalidDataError(f"{where}: {why}; JSON escapes \\ud800-\\udfff must come in pairs")
         elif isinstance(item, dict):
             pending += [*item.keys(), *item.values()]
         elif isinstance(item, list):
@@ -298,15 +307,15 @@ def _read_text(path: Path, name: str, tokenizer: Tokenizer, ctx_len: int, vocab_
     except UnicodeDecodeError as e:
         line_start = data.rfind(b"\n", 0, e.start) + 1
         line = data.count(b"\n", 0, e.start) + 1
-        raise StateHubError(f"{name}:{line}: not UTF-8 text (byte {e.start - line_start + 1} of the line)") from None
+        raise InvalidDataError(f"{name}:{line}: not UTF-8 text (byte {e.start - line_start + 1} of the line)") from None
     if not text.strip():
-        raise StateHubError(f"{name}: empty file (only whitespace)")
+        raise InvalidDataError(f"{name}: empty file (only whitespace)")
     tokens = tokenizer.encode(text) + ([tokenizer.eod] if tokenizer.eod is not None else [])
     _check_ids(tokens, vocab_size, name)
     spans = windows(len(tokens), ctx_len)
     samples = [Sample(tokens[s : s + n], [1] * n, f"{name}#{k}") for k, (s, n) in enumerate(spans, start=1)]
     if not samples:
-        raise StateHubError(f"{name}: nothing to train on (a single token)")
+        raise InvalidDataError(f"{name}: nothing to train on (a single token)")
     return samples
 
 
@@ -314,9 +323,9 @@ def _read_bytes(path: Path, name: str) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise StateHubError(f"{name}: cannot read ({e.strerror})") from None
+        raise InvalidDataError(f"{name}: cannot read ({e.strerror})") from None
     if not data.strip():
-        raise StateHubError(f"{name}: empty file")
+        raise InvalidDataError(f"{name}: empty file")
     return data
 
 
@@ -338,7 +347,7 @@ class _BinIdx:
         self._data: np.ndarray | None = None
         if len(self) == 0:
             why = "every document is shorter than 2 tokens" if len(sizes) else "the index lists no documents"
-            raise StateHubError(f"{self.name}: no samples: {why}")
+            raise InvalidDataError(f"{self.name}: no samples: {why}")
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -381,8 +390,8 @@ def _check_bin_ids(bin_: Path, dtype: np.dtype, sizes: np.ndarray, pointers: np.
             del chunk  # unmap: the pages read leave the process's memory
         if found is not None:
             doc, position, bad = found
-            raise StateHubError(f"{bin_}: document {doc}, token {position}: token id {bad} is outside the "
-                                f"vocabulary (vocab size {vocab})")
+            raise InvalidDataError(f"{bin_}: document {doc}, token {position}: token id {bad} is outside the "
+                                   f"vocabulary (vocab size {vocab})")
 
 
 def _first_bad_id(chunk: np.ndarray, offset: int, sizes: np.ndarray, pointers: np.ndarray,
@@ -415,18 +424,18 @@ def _read_index(idx: Path, bin_: Path) -> tuple[np.dtype, np.ndarray, np.ndarray
             header = f.read(_BINIDX_HEADER.size)
         bin_size = bin_.stat().st_size
     except OSError as e:
-        raise StateHubError(f"{e.filename}: cannot read ({e.strerror})") from None
+        raise InvalidDataError(f"{e.filename}: cannot read ({e.strerror})") from None
     if len(header) < _BINIDX_HEADER.size or not header.startswith(BINIDX_MAGIC):
-        raise StateHubError(f"{idx}: not a binidx index (bad magic; expected an MMIDIDX file from RWKV-LM/Megatron)")
+        raise InvalidDataError(f"{idx}: not a binidx index (bad magic; expected an MMIDIDX file from RWKV-LM/Megatron)")
     _, version, code, n, doc_count = _BINIDX_HEADER.unpack(header)
     if version != 1:
-        raise StateHubError(f"{idx}: unsupported binidx version {version} (expected 1)")
+        raise InvalidDataError(f"{idx}: unsupported binidx version {version} (expected 1)")
     if code not in _BINIDX_DTYPES:
         what = f"{_BINIDX_FLOATS[code]}: token ids must be integers" if code in _BINIDX_FLOATS else "unknown"
-        raise StateHubError(f"{idx}: unsupported token dtype code {code} ({what})")
+        raise InvalidDataError(f"{idx}: unsupported token dtype code {code} ({what})")
     expected = _BINIDX_HEADER.size + 12 * n + 8 * doc_count
     if size < expected:
-        raise StateHubError(f"{idx}: truncated index ({size} bytes, the header promises {expected})")
+        raise InvalidDataError(f"{idx}: truncated index ({size} bytes, the header promises {expected})")
     dtype = np.dtype(_BINIDX_DTYPES[code]).newbyteorder("<")
     sizes = np.fromfile(idx, dtype="<i4", count=n, offset=_BINIDX_HEADER.size)
     pointers = np.fromfile(idx, dtype="<i8", count=n, offset=_BINIDX_HEADER.size + 4 * n)
@@ -434,13 +443,13 @@ def _read_index(idx: Path, bin_: Path) -> tuple[np.dtype, np.ndarray, np.ndarray
     bad = np.flatnonzero((sizes < 0) | (pointers < 0) | (ends > bin_size))
     if len(bad):
         d = int(bad[0])
-        raise StateHubError(f"{bin_}: does not match its index: document {d} would span bytes "
-                            f"{int(pointers[d])}..{int(ends[d])} of a {bin_size}-byte file")
+        raise InvalidDataError(f"{bin_}: does not match its index: document {d} would span bytes "
+                               f"{int(pointers[d])}..{int(ends[d])} of a {bin_size}-byte file")
     odd = np.flatnonzero(pointers % dtype.itemsize)
     if len(odd):
         d = int(odd[0])
-        raise StateHubError(f"{idx}: document {d} starts at byte {int(pointers[d])}, not on a "
-                            f"{dtype.itemsize}-byte token boundary")
+        raise InvalidDataError(f"{idx}: document {d} starts at byte {int(pointers[d])}, not on a "
+                               f"{dtype.itemsize}-byte token boundary")
     return dtype, sizes, pointers
 
 
@@ -459,7 +468,7 @@ def write_binidx(path_prefix: str | os.PathLike, documents: list[list[int]],
     for d, doc in enumerate(documents):
         values = np.asarray(doc, dtype=np.int64).reshape(-1)
         if values.size and (values.min() < limits.min or values.max() > limits.max):
-            raise StateHubError(f"document {d}: token ids {values.min()}..{values.max()} do not fit {dtype.name}")
+            raise InvalidDataError(f"document {d}: token ids {values.min()}..{values.max()} do not fit {dtype.name}")
         arrays.append(values.astype(dtype))
     sizes = np.array([len(a) for a in arrays], dtype="<i4")
     pointers = np.zeros(len(arrays), dtype="<i8")
@@ -479,9 +488,12 @@ def write_binidx(path_prefix: str | os.PathLike, documents: list[list[int]],
 class Dataset(Sequence[Sample]):
     """Every sample of every file, in order. jsonl/txt samples are held in memory; binidx ones are read on demand."""
 
-    def __init__(self, paths: list[Path], parts: list, ctx_len: int, n_truncated: int = 0) -> None:
-        """parts: lists of Samples (or binidx readers), in order; `load_dataset` is the usual way to make one."""
+    def __init__(self, paths: list[Path], parts: list, ctx_len: int, n_truncated: int = 0,
+                 records_sha256: str | None = None) -> None:
+        """parts: lists of Samples (or binidx readers), in order; `load_dataset` is the usual way to make one.
+        records_sha256: the hash of in-memory records, for a dataset that has no files."""
         self.paths = paths  # every data file, in the order they are hashed (binidx: .idx then .bin)
+        self._records_sha256 = records_sha256
         self.ctx_len = ctx_len
         self.n_truncated = n_truncated  # jsonl samples cut to ctx_len + 1 tokens
         self._parts = parts
@@ -501,7 +513,10 @@ class Dataset(Sequence[Sample]):
 
     @cached_property
     def sha256(self) -> str:
-        """sha256 over the data files' bytes, in order: names which data a state was trained on."""
+        """sha256 over the data files' bytes, in order (or over in-memory records as JSON Lines): names which data
+        a state was trained on."""
+        if self._records_sha256 is not None:
+            return self._records_sha256
         h = hashlib.sha256()
         for path in self.paths:
             with open(path, "rb") as f:
@@ -535,15 +550,22 @@ class Dataset(Sequence[Sample]):
 
 def load_dataset(paths: str | os.PathLike | list, tokenizer: Tokenizer, ctx_len: int,
                  vocab_size: int | None = None) -> Dataset:
-    """Read every sample of the given files and folders; any bad line stops here, naming its file and line.
+    """Read every sample of the given files and folders, or of a list of records (dicts as a .jsonl line
+    holds them); any bad line or record stops here, naming its file and line (or record number).
 
     vocab_size: the model's; token ids at or above it are refused (default: the tokenizer's)."""
     if ctx_len < 1:
-        raise StateHubError(f"ctx_len must be at least 1, got {ctx_len}")
+        raise InvalidOptionError(f"{option('ctx_len', ctx_len)}: must be at least 1")
     vocab = vocab_size if vocab_size is not None else tokenizer.vocab_size
     items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     if not items:
-        raise StateHubError("no data files given")
+        raise InvalidOptionError(f"no data given ({option('data')}: files, folders or a list of records)")
+    if all(isinstance(item, dict) for item in items):
+        return _records_dataset(items, tokenizer, ctx_len, vocab)
+    if any(not isinstance(item, str | os.PathLike) for item in items):
+        bad = next(item for item in items if not isinstance(item, str | os.PathLike))
+        raise InvalidOptionError(f"{option('data')}: expected paths or a list of dicts, found a "
+                                 f"{type(bad).__name__} among them")
     sources: list[tuple[str, tuple[Path, ...]]] = []
     for item in items:
         for source in _expand(Path(item)):
@@ -567,6 +589,20 @@ def load_dataset(paths: str | os.PathLike | list, tokenizer: Tokenizer, ctx_len:
     return Dataset(files, parts, ctx_len, truncated)
 
 
+def _records_dataset(records: list[dict], tokenizer: Tokenizer, ctx_len: int, vocab: int) -> Dataset:
+    """In-memory records (a notebook's list of dicts), read exactly as the same lines of a .jsonl file."""
+    try:
+        lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in records]
+    except (TypeError, ValueError) as e:
+        raise InvalidDataError(f"data: a record is not JSON data ({e})") from None
+    numbered = [(r, f"data[{i}]") for i, r in enumerate(records)]
+    for obj, where in numbered:
+        _refuse_lone_surrogates(obj, where)
+    samples, truncated = _samples(numbered, tokenizer, ctx_len, vocab)
+    digest = hashlib.sha256("".join(line + "\n" for line in lines).encode("utf-8", "surrogatepass")).hexdigest()
+    return Dataset([], [samples], ctx_len, truncated, records_sha256=digest)
+
+
 def _expand(path: Path) -> list[tuple[str, tuple[Path, ...]]]:
     """A path as given -> (format, files) entries; binidx is the pair (.idx, .bin)."""
     if path.is_dir():
@@ -574,14 +610,14 @@ def _expand(path: Path) -> list[tuple[str, tuple[Path, ...]]]:
         found = [_classify(p) for p in entries if p.suffix.lower() in JSONL_SUFFIXES + TEXT_SUFFIXES + BINIDX_SUFFIXES]
         unique = list(dict.fromkeys(found))
         if not unique:
-            raise StateHubError(f"{path}: no data files in this folder (.jsonl, .json, .txt or .bin + .idx)")
+            raise InvalidDataError(f"{path}: no data files in this folder (.jsonl, .json, .txt or .bin + .idx)")
         return unique
     if path.is_file():
         return [_classify(path)]
     prefix = str(path)
     if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():  # RWKV-LM's --data_file convention
         return [("binidx", (Path(prefix + ".idx"), Path(prefix + ".bin")))]
-    raise StateHubError(f"{path}: no such file or directory")
+    raise InvalidDataError(f"{path}: no such file or directory")
 
 
 def _classify(path: Path) -> tuple[str, tuple[Path, ...]]:
@@ -594,7 +630,7 @@ def _classify(path: Path) -> tuple[str, tuple[Path, ...]]:
         idx, bin_ = path.with_suffix(".idx"), path.with_suffix(".bin")
         other = bin_ if suffix == ".idx" else idx
         if not other.is_file():
-            raise StateHubError(f"{path}: a binidx dataset needs both files; {other.name} is missing")
+            raise InvalidDataError(f"{path}: a binidx dataset needs both files; {other.name} is missing")
         return "binidx", (idx, bin_)
-    raise StateHubError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
-                        "expected .jsonl, .json, .txt, or a .bin + .idx pair")
+    raise InvalidDataError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
+                           "expected .jsonl, .json, .txt, or a .bin + .idx pair")

@@ -9,12 +9,13 @@ caller's own words, and no code ever reads a message back. Bugs in our own code 
 
 from __future__ import annotations
 
+import warnings
 from contextvars import ContextVar
 from typing import Any
 
 _CLI: ContextVar[bool] = ContextVar("rwkv_state_hub_cli", default=False)
 _UNSET = object()
-_FLAG_NAMES = {"fmt": "format", "state_path": "state"}  # Python name -> flag, where they differ
+_FLAG_NAMES = {"fmt": "format", "state_path": "state", "base_model": "model"}  # Python name -> flag, where they differ
 
 
 class StateHubError(Exception):
@@ -49,6 +50,14 @@ class HubError(StateHubError):
     """The Hugging Face Hub refused or failed: no access, no such repo or file, no network, a bad download."""
 
 
+class HubEntryNotFoundError(HubError):
+    """The Hub repo exists, but the file asked for is not in it."""
+
+
+class FileAccessError(StateHubError):
+    """The operating system refused a read or write: no permission, a full disk, a file where a folder should be."""
+
+
 class OutputExistsError(StateHubError):
     """A file or run folder would be overwritten; pass force=True (or resume=True for a run) to go on."""
 
@@ -59,6 +68,16 @@ class ConsumerError(StateHubError):
 
 class TrainingDiverged(StateHubError):
     """A step's loss, gradient or state was not finite; the last good checkpoint is kept."""
+
+
+class StateHubWarning(UserWarning):
+    """Worth knowing, not worth stopping for: a base-model mismatch force=True let through, a mix that fills a
+    missing token shift with zeros. The CLI prints each as one `warning:` line."""
+
+
+def warn(message: str) -> None:
+    """Warn the caller of the library function that called this one."""
+    warnings.warn(message, StateHubWarning, stacklevel=3)
 
 
 def speak_cli(on: bool = True) -> None:

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .data import Dataset, Sample, collate
+from .loss import batch_loss, token_losses
 from .model import RWKV, RecurrentState
-from .model.common import head_loss, linear
+
+__all__ = ["EvalResult", "batch_loss", "compare", "evaluate", "loss_by_position"]
 
 
 @dataclass
@@ -26,42 +25,6 @@ class EvalResult:
 
     def __str__(self) -> str:
         return f"loss {self.loss:.4f}, accuracy {self.accuracy:.2%} over {self.n_tokens} tokens"
-
-
-HEAD_BUDGET = 256 << 20  # bytes of fp32 logits that may exist at once (ctx 1024 x vocab 65536)
-
-
-def _head_loss(hidden: Tensor, head: torch.nn.Linear, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    logits = linear(hidden, head)
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    correct = ((logits.argmax(-1) == targets).to(weight.dtype) * weight).sum() if not torch.is_grad_enabled() else None
-    return (nll * weight).sum(), correct
-
-
-def batch_loss(model: RWKV, batch, state: RecurrentState | None) -> tuple[Tensor, Tensor | None]:
-    """(sum of cross-entropy over trained tokens, number of correct argmax predictions; None when training).
-
-    When the batch's logits would exceed HEAD_BUDGET, the head and the loss run a chunk of positions at a
-    time and are recomputed in the backward pass, so full-vocabulary logits never exist for the whole
-    sequence at once. (Below the budget one pass is faster: recomputing costs a second head forward.)"""
-    hidden, _ = model.hidden(batch.inputs, state, batch.mask)
-    weight = batch.loss_mask.to(hidden.dtype)
-    if torch.is_grad_enabled() and hidden.requires_grad and not model.head.weight.requires_grad:
-        return head_loss(hidden, model.head, batch.targets, weight), None  # training a state: fused, lean
-    B, T, _ = hidden.shape
-    chunk = max(16, HEAD_BUDGET // (B * model.spec.vocab_size * 4))
-    if chunk >= T:
-        return _head_loss(hidden, model.head, batch.targets, weight)
-    loss, correct = hidden.new_zeros(()), hidden.new_zeros(())
-    for t in range(0, T, chunk):
-        part = (hidden[:, t : t + chunk], model.head, batch.targets[:, t : t + chunk], weight[:, t : t + chunk])
-        if torch.is_grad_enabled():
-            loss = loss + checkpoint(_head_loss, *part, use_reentrant=False)[0]
-            correct = None
-        else:
-            chunk_loss, chunk_correct = _head_loss(*part)
-            loss, correct = loss + chunk_loss, correct + chunk_correct
-    return loss, correct
 
 
 @torch.no_grad()
@@ -97,8 +60,7 @@ def loss_by_position(
     bounds = torch.tensor(edges)
     for sample in samples:
         batch = collate([sample])
-        hidden, _ = model.hidden(batch.inputs, state, batch.mask)
-        nll = F.cross_entropy(linear(hidden, model.head)[0].float(), batch.targets[0], reduction="none")
+        nll = token_losses(model, batch, state)[0]
         weight = batch.loss_mask[0].double()
         bucket = torch.searchsorted(bounds, torch.arange(len(nll)), right=True) - 1
         sums.index_add_(0, bucket, nll.double() * weight)

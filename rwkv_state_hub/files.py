@@ -13,9 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from .errors import StateHubError
+from .errors import FileAccessError, StateHubError
 
 _CHUNK = 8 << 20
 _PROGRESS_FROM = 512 << 20  # show a progress bar when hashing files larger than this
@@ -101,16 +99,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # some folder on the way is a file
-        raise StateHubError(f"{path}: cannot write (a part of {path.parent} is not a folder)") from None
+        raise FileAccessError(f"{path}: cannot write (a part of {path.parent} is not a folder)") from None
     except OSError as e:
-        raise StateHubError(f"{path}: cannot write ({os_reason(e)})") from None
+        raise FileAccessError(f"{path}: cannot write ({os_reason(e)})") from None
     try:
         remove_stale_temps(path.parent)
         # the target's name is cut short in the temp name, so a 255-byte name still gets a valid temp file
         prefix = f".{path.name[:80]}.{_host()}-{os.getpid()}."
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=_TEMP_SUFFIX, dir=path.parent)
     except OSError as e:
-        raise StateHubError(f"{path}: cannot write ({os_reason(e)})") from None
+        raise FileAccessError(f"{path}: cannot write ({os_reason(e)})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -123,7 +121,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         reason = None if isinstance(e, StateHubError) else os_reason(e)
         if reason is None:
             raise
-        raise StateHubError(f"{path}: cannot write ({reason})") from None
+        raise FileAccessError(f"{path}: cannot write ({reason})") from None
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)
@@ -171,6 +169,8 @@ def cache_dir() -> Path:
 
 def _hash_stream(path: Path, size: int) -> str:
     h = hashlib.sha256()
+    from tqdm.auto import tqdm  # here, not at the top: the CLI's --help imports this module
+
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=size < _PROGRESS_FROM)
     try:
         with open(path, "rb") as f, bar:
@@ -178,7 +178,7 @@ def _hash_stream(path: Path, size: int) -> str:
                 h.update(chunk)
                 bar.update(len(chunk))
     except OSError as e:
-        raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
+        raise FileAccessError(f"{path}: cannot read ({e.strerror})") from None
     return h.hexdigest()
 
 
@@ -189,7 +189,7 @@ def sha256_file(path: str | os.PathLike, use_cache: bool = True) -> str:
     try:
         st = path.stat()
     except OSError as e:
-        raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
+        raise FileAccessError(f"{path}: cannot read ({e.strerror})") from None
     key = str(path)
     stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     cache_file = cache_dir() / "sha256.json"

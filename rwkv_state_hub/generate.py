@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from .errors import StateHubError
+from .errors import InvalidOptionError, option
 
 if TYPE_CHECKING:
     import torch
@@ -53,14 +53,14 @@ class Sampling:
             if not typed or not low <= value <= high:
                 shown = repr(value)[:40] if isinstance(value, int | float | str) else type(value).__name__
                 kind = "a whole number" if whole else "a number"
-                raise StateHubError(f"{name} {shown}: expected {kind} from {low} to {high}")
+                raise InvalidOptionError(f"{option(name)} {shown}: expected {kind} from {low} to {high}")
 
     def but(self, **changes: float) -> Sampling:
         """These settings with some changed, by name (temperature=0, max_tokens=40, ...)."""
         known = [f.name for f in fields(self)]
         unknown = sorted(set(changes) - set(known))
         if unknown:
-            raise StateHubError(f"{unknown[0]}: not a sampling setting; choose from {', '.join(known)}")
+            raise InvalidOptionError(f"{unknown[0]}: not a sampling setting; choose from {', '.join(known)}")
         return replace(self, **changes)
 
 
@@ -121,7 +121,7 @@ def generate(model: RWKV, tokenizer: Tokenizer, prompt: str, state: State | Recu
     rs = state.to_recurrent() if isinstance(state, State) else state
     tokens = tokenizer.encode(prompt)
     if not tokens:
-        raise StateHubError("the prompt encodes to no tokens: a model reads one token before it predicts one")
+        raise InvalidOptionError("the prompt encodes to no tokens: a model reads one token before it predicts one")
     sample = Sampler(sampling)
     out: list[int] = []
     with torch.no_grad():

@@ -32,14 +32,23 @@ from huggingface_hub.errors import (
 )
 
 from .checkpoint import ModelSpec, read_spec
-from .errors import StateHubError
-from .files import atomic_path, os_reason, sha256_bytes, sha256_file
-from .formats import detect_format, export_state, load_state
+from .errors import (
+    HubEntryNotFoundError,
+    HubError,
+    InvalidOptionError,
+    InvalidStateError,
+    ModelMismatchError,
+    StateHubError,
+    option,
+)
+from .files import atomic_path, atomic_write_bytes, os_reason, sha256_bytes, sha256_file
+from .formats import FORMAT_ALIASES, detect_format, export_state, load_state
 from .hub_card import (
     EXPORT_FORMATS,
     LOSS_PLOT,
     MANIFEST,
     REPO_FILES,
+    ROLE_OF_FORMAT,
     BaseModel,
     build_manifest,
     check_sha256,
@@ -47,11 +56,12 @@ from .hub_card import (
     read_manifest,
     render_card,
 )
+from .plot import plot_losses
 from .state import State
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-PULL_FORMATS = tuple(REPO_FILES)
+PULL_FORMATS = tuple(ROLE_OF_FORMAT)
 MAX_CARD_BYTES = 1 << 20  # a model card is a stranger's file: larger ones are not read
 
 
@@ -73,9 +83,9 @@ def is_repo_id(text: str) -> bool:
 def _split_revision(repo_id: str, revision: str | None) -> tuple[str, str | None]:
     name, _, rev = repo_id.partition("@")
     if not _REPO_ID.match(name):
-        raise StateHubError(f"{repo_id}: not a Hub repo id (expected owner/name)")
+        raise InvalidOptionError(f"{repo_id}: not a Hub repo id (expected owner/name)")
     if rev and revision and rev != revision:
-        raise StateHubError(f"{repo_id}: two revisions given ({rev} and --revision {revision})")
+        raise InvalidOptionError(f"{repo_id}: two revisions given ({rev} and {option('revision', revision)})")
     return name, (rev or revision)
 
 
@@ -97,7 +107,7 @@ def parse_hf_url(text: str) -> HubFile | None:
         return None
     parts = text.removeprefix("hf://").split("/")
     if len(parts) < 3 or not all(parts):
-        raise StateHubError(f"{text}: expected hf://owner/repo/path/to/file.pth")
+        raise InvalidOptionError(f"{text}: expected hf://owner/repo/path/to/file.pth")
     repo, path = "/".join(parts[:2]), "/".join(parts[2:])
     repo_id, revision = _split_revision(repo, None)
     return HubFile(repo_id, path, revision)
@@ -108,8 +118,8 @@ def resolve_model(model: str | os.PathLike, *, token: str | None = None, endpoin
     The one place that tells a model's two kinds of name apart: the CLI's --model, a --config file's model,
     the demo and the plugins all come through here."""
     if not isinstance(model, str | os.PathLike):
-        raise StateHubError(f"model {str(model)[:40]!r}: expected a .pth path or hf://owner/repo/file.pth, "
-                            f"found {type(model).__name__}")
+        raise InvalidOptionError(f"model {str(model)[:40]!r}: expected a .pth path or hf://owner/repo/file.pth, "
+                                 f"found {type(model).__name__}")
     endpoint = _endpoint(endpoint)
     text = os.fsdecode(model)
     hub_file = parse_hf_url(text)
@@ -127,7 +137,7 @@ def model_identity(model: str | os.PathLike | ModelSpec, *, token: str | None = 
     endpoint = _endpoint(endpoint)
     if isinstance(model, ModelSpec):
         if not model.sha256:
-            raise StateHubError(f"{model.name}: this model spec has no file, so no sha256 to compare states with")
+            raise InvalidOptionError(f"{model.name}: this model spec has no file, so no sha256 to compare states with")
         return BaseModel(model.sha256, model.name, model.file_size)
     hub_file = parse_hf_url(str(model))
     if hub_file is None:
@@ -142,7 +152,7 @@ def model_identity(model: str | os.PathLike | ModelSpec, *, token: str | None = 
                                                         revision=hub_file.revision, token=token)
     info = next((i for i in infos if getattr(i, "path", None) == hub_file.path and hasattr(i, "lfs")), None)
     if info is None:
-        raise StateHubError(f"{hub_file}: no such file in {hub_file.repo_id}")
+        raise HubEntryNotFoundError(f"{hub_file}: no such file in {hub_file.repo_id}")
     if info.lfs is not None:
         sha256, size = info.lfs.sha256, info.lfs.size
     else:  # a small file kept in git: the Hub has no sha256 for it, so hash the download
@@ -170,29 +180,29 @@ def _hub_errors(repo_id: str, token: str | None, what: str = "") -> Iterator[Non
     missing from the offline cache is an entry-not-found error)."""
     import httpx2
 
-    login = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
+    login = f"log in with `hf auth login`, set HF_TOKEN, or pass {option('token')}"
     offline = f"{repo_id}: HF_HUB_OFFLINE is set and {what or 'this'} is not in the local cache; pull it once online"
     try:
         yield
     except StateHubError:
         raise
     except GatedRepoError:  # a subclass of RepositoryNotFoundError: the repo exists, the advice differs
-        raise StateHubError(f"{repo_id}: the repo is gated: request access on its Hub page, then {login} with "
-                            "the account that was granted it") from None
+        raise HubError(f"{repo_id}: the repo is gated: request access on its Hub page, then {login} with "
+                       "the account that was granted it") from None
     except RepositoryNotFoundError:
         msg = f"{repo_id}: no such repo on the Hub, or it is private and your token cannot see it ({login})"
-        raise StateHubError(msg) from None
+        raise HubError(msg) from None
     except RevisionNotFoundError:
-        raise StateHubError(f"{repo_id}: no such revision (branch, tag or commit)") from None
+        raise HubError(f"{repo_id}: no such revision (branch, tag or commit)") from None
     except LocalEntryNotFoundError:
         if constants.is_offline_mode():
-            raise StateHubError(offline) from None
-        raise StateHubError(f"{repo_id}: cannot reach the Hub to get {what or 'the file'} and it is not in the "
-                            "local cache; check the network (or HF_ENDPOINT / --endpoint) and run again") from None
+            raise HubError(offline) from None
+        raise HubError(f"{repo_id}: cannot reach the Hub to get {what or 'the file'} and it is not in the local "
+                       f"cache; check the network (or HF_ENDPOINT / {option('endpoint')}) and run again") from None
     except EntryNotFoundError:
-        raise StateHubError(f"{repo_id}: {what or 'the file'} is not in the repo") from None
+        raise HubEntryNotFoundError(f"{repo_id}: {what or 'the file'} is not in the repo") from None
     except OfflineModeIsEnabled:
-        raise StateHubError(offline) from None
+        raise HubError(offline) from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status == 401:
@@ -202,18 +212,19 @@ def _hub_errors(repo_id: str, token: str | None, what: str = "") -> Iterator[Non
                    "to that namespace, or push to your own")
         else:
             msg = f"{repo_id}: the Hub answered {status}: {_scrub(' '.join(str(e).split())[:200], token)}"
-        raise StateHubError(msg) from None
+        raise HubError(msg) from None
     except (httpx2.TransportError, ConnectionError) as e:
-        raise StateHubError(f"{repo_id}: network failure talking to the Hub ({type(e).__name__}: "
-                            f"{_scrub(str(e), token)[:160]}); check the connection (or HF_ENDPOINT / --endpoint) "
-                            "and run again") from None
+        raise HubError(f"{repo_id}: network failure talking to the Hub ({type(e).__name__}: "
+                       f"{_scrub(str(e), token)[:160]}); check the connection (or HF_ENDPOINT / "
+                       f"{option('endpoint')}) "
+                       "and run again") from None
     except OSError as e:
         if "Consistency check failed" in str(e):
-            raise StateHubError(f"{repo_id}: {what or 'a download'} arrived incomplete (network trouble); "
-                                "run again") from None
+            raise HubError(f"{repo_id}: {what or 'a download'} arrived incomplete (network trouble); "
+                           "run again") from None
         # e.g. a file name too long for the disk (from a hostile manifest), a full disk under the cache
-        raise StateHubError(f"{repo_id}: {what or 'a file'}: the operating system refused it "
-                            f"({os_reason(e) or type(e).__name__})") from None
+        raise HubError(f"{repo_id}: {what or 'a file'}: the operating system refused it "
+                       f"({os_reason(e) or type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------- push
@@ -235,8 +246,8 @@ def _state_identity(state: State, model, force: bool, token: str | None,
     with the mismatch `force` let through, if any."""
     if model is None:
         if not state.base_model_sha256:
-            raise StateHubError(f"{state.source}: the state does not record its base model; give the model it was "
-                                "made for (--model BASE.pth or hf://owner/repo/file.pth)")
+            raise InvalidOptionError(f"{state.source}: the state does not record its base model; give the model it "
+                                     f"was made for ({option('model', 'BASE.pth')} or hf://owner/repo/file.pth)")
         meta = state.metadata
         return state, BaseModel(check_sha256(state.base_model_sha256, f"{state.source}: base_model_sha256"),
                                 meta.get("base_model_name"), meta.get("base_model_size"), meta.get("base_model_repo"),
@@ -256,61 +267,108 @@ def _state_identity(state: State, model, force: bool, token: str | None,
         problem = (f"{state.source}: made for {state.metadata.get('base_model_name') or 'another model'} "
                    f"(sha256 {state.base_model_sha256[:12]}), but {model} has sha256 {base.sha256[:12]}")
         if not force:
-            raise StateHubError(f"{problem} (use --force to push it anyway)")
+            raise ModelMismatchError(f"{problem} (pass {option('force', True)} to push it anyway)")
         warnings.append(problem)
     meta = {**state.metadata, "base_model_sha256": base.sha256, "base_model_name": base.name,
             "base_model_size": base.size, "base_model_repo": base.repo, "base_model_file": base.file}
     return State(state.wkv, state.shift, meta, state.source), base, warnings
 
 
-def push(state: str | os.PathLike | State, repo_id: str, *, model: str | os.PathLike | ModelSpec | None = None,
-         private: bool = False, revision: str | None = None, exports: tuple[str, ...] | list[str] = ("pth", "ai00"),
-         token: str | None = None, endpoint: str | None = None, force: bool = False,
-         message: str | None = None) -> PushResult:
-    """Upload a state to `repo_id` in one commit: the native file, the consumer exports, the manifest and
-    the model card (and loss.png when it sits beside the state file). Creates the repo (and branch) if needed."""
-    endpoint = _endpoint(endpoint)
-    repo_id, revision = _split_revision(repo_id, revision)
+@dataclass(frozen=True)
+class SavedFolder:
+    path: Path
+    state: State  # as written: labelled with its base model
+    files: list[str]
+    base_model: BaseModel
+    warnings: list[str]
+
+
+def _check_exports(exports: tuple[str, ...] | list[str]) -> None:
+    unknown = [e for e in exports if e not in ("pth", "ai00")]
+    if unknown:
+        raise InvalidOptionError(f"{option('exports', list(exports))}: unknown format {unknown[0]!r}; "
+                                 "choose from pth, ai00")
+
+
+def _file_of(state: State) -> Path | None:
+    """The file a State was read from, if it still exists (its loss.png may sit beside it)."""
+    path = Path(state.source)
+    return path if path.is_file() else None
+
+
+def _loss_plot(state: State, source: Path | None, target: Path) -> Path | None:
+    """loss.png for the folder: drawn from the state's training history, or the one beside its file."""
+    if state.metrics:
+        plot_losses(state.metrics, target, title=f"{state.metadata.get('base_model_name') or 'RWKV'}: state tuning")
+        return target
+    beside = source.parent / LOSS_PLOT if source else None
+    if beside and beside.is_file():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(beside, tmp)
+        return target
+    return None
+
+
+def save_folder(state: str | os.PathLike | State, folder: str | os.PathLike, *, repo_id: str | None = None,
+                model: str | os.PathLike | ModelSpec | None = None,
+                exports: tuple[str, ...] | list[str] = ("pth", "ai00"), force: bool = False,
+                token: str | None = None, endpoint: str | None = None) -> SavedFolder:
+    """Write what a state repo holds into `folder`: the native file, the consumer exports, loss.png (from the
+    state's training history, or beside its file), the manifest and the model card. `State.save_pretrained`
+    and `push` both come through here, so a folder saved locally is exactly what a push uploads."""
+    _check_exports(exports)
     source = None if isinstance(state, State) else Path(state)
     if source is not None:
         state = load_state(source)
     loaded_metadata = dict(state.metadata)
-    unknown = [e for e in exports if e not in ("pth", "ai00")]
-    if unknown:
-        raise StateHubError(f"--exports {','.join(exports)}: unknown format {unknown[0]!r}; choose from pth, ai00")
-    if not _secret(token):
-        raise StateHubError(f"{repo_id}: pushing needs a Hugging Face token: log in with `hf auth login`, "
-                            "set HF_TOKEN, or pass --token")
-    state, base, warnings = _state_identity(state, model, force, token, endpoint)
+    state, base, warnings = _state_identity(state, model, force, token, _endpoint(endpoint))
     if not state.arch:
-        raise StateHubError(f"{state.source}: the state does not record its architecture; give the base model as a "
-                            "local file (--model BASE.pth) so that it can be checked and labelled")
+        raise InvalidOptionError(f"{state.source}: the state does not record its architecture; give the base model "
+                                 f"as a local file ({option('model', 'BASE.pth')}) to check and label it")
+    folder = Path(folder)
+    files: dict[str, Path] = {}
+    for role in ("native", *dict.fromkeys(exports)):
+        files[role] = folder / REPO_FILES[role]
+        export_state(state, files[role], EXPORT_FORMATS[role])
+    if source and state.metadata == loaded_metadata and detect_format(source) == "safetensors":
+        with atomic_path(files["native"]) as tmp:  # already a labelled native file: keep it byte for byte
+            shutil.copyfile(source, tmp)
+    plot = _loss_plot(state, source or _file_of(state), folder / LOSS_PLOT)
+    if plot:
+        files["plot"] = plot
+    manifest = build_manifest(state, base, files)
+    atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    card_id = repo_id or f"your-name/{folder.resolve().name}"
+    atomic_write_bytes(folder / "README.md", render_card(card_id, state, manifest, base).encode())
+    return SavedFolder(folder, state, [p.name for p in files.values()] + [MANIFEST, "README.md"], base, warnings)
+
+
+def push(state: str | os.PathLike | State, repo_id: str, *, model: str | os.PathLike | ModelSpec | None = None,
+         private: bool = False, revision: str | None = None, exports: tuple[str, ...] | list[str] = ("pth", "ai00"),
+         token: str | None = None, endpoint: str | None = None, force: bool = False,
+         message: str | None = None) -> PushResult:
+    """Upload a state to `repo_id` in one commit: what `save_folder` writes. Creates the repo (and branch)
+    if needed."""
+    endpoint = _endpoint(endpoint)
+    repo_id, revision = _split_revision(repo_id, revision)
+    _check_exports(exports)
+    if not _secret(token):
+        raise HubError(f"{repo_id}: pushing needs a Hugging Face token: log in with `hf auth login`, "
+                       f"set HF_TOKEN, or pass {option('token')}")
     with tempfile.TemporaryDirectory(prefix="rwkv-state-push-") as tmp:
-        folder = Path(tmp)
-        files: dict[str, Path] = {}
-        for role in ("native", *dict.fromkeys(exports)):
-            files[role] = folder / REPO_FILES[role]
-            export_state(state, files[role], EXPORT_FORMATS[role])
-        if source and state.metadata == loaded_metadata and detect_format(source) == "safetensors":
-            shutil.copyfile(source, files["native"])  # already a labelled native file: upload it byte for byte
-        plot = source.parent / LOSS_PLOT if source else None
-        if plot and plot.is_file():
-            files["plot"] = folder / LOSS_PLOT
-            shutil.copyfile(plot, files["plot"])
-        manifest = build_manifest(state, base, files)
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        (folder / "README.md").write_text(render_card(repo_id, state, manifest, base))
-        names = [p.name for p in files.values()] + [MANIFEST, "README.md"]
-        ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in names]
+        saved = save_folder(state, tmp, repo_id=repo_id, model=model, exports=exports, force=force, token=token,
+                            endpoint=endpoint)
+        ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(saved.path / name)) for name in saved.files]
         api = HfApi(endpoint=endpoint, token=token)
+        base = saved.base_model
         with _hub_errors(repo_id, token):
             url = api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             info = api.create_commit(repo_id, ops, revision=revision,
-                                     commit_message=message or f"rwkv-state push: {state.arch} state for "
+                                     commit_message=message or f"rwkv-state push: {saved.state.arch} state for "
                                                                f"{base.label} ({base.sha256[:12]})")
-    return PushResult(repo_id, str(url), info.oid, names, base, warnings)
+    return PushResult(repo_id, str(url), info.oid, saved.files, base, saved.warnings)
 
 
 # ---------------------------------------------------------------- pull
@@ -354,31 +412,30 @@ def _verified(path: Path, entry: dict[str, Any], where: str) -> None:
     digest = sha256_file(path, use_cache=False)
     if size != entry["size"] or digest != entry["sha256"]:
         _forget(path)
-        raise StateHubError(f"{where}: the download does not match the manifest (sha256 {digest[:12]}, "
-                            f"{size} bytes; expected {entry['sha256'][:12]}, {entry['size']} bytes): it was "
-                            "corrupted on the way and has been removed from the cache; run again")
+        raise HubError(f"{where}: the download does not match the manifest (sha256 {digest[:12]}, "
+                       f"{size} bytes; expected {entry['sha256'][:12]}, {entry['size']} bytes): it was "
+                       "corrupted on the way and has been removed from the cache; run again")
 
 
-def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "native",
+def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "safetensors",
                output: str | os.PathLike | None = None, revision: str | None = None, force: bool = False,
                token: str | None = None, endpoint: str | None = None, max_bytes: int | None = None) -> PullResult:
     """`pull` with everything it learned: the manifest, the commit, and the warnings `force` let through.
     With `max_bytes`, a state the manifest says is larger is refused before it is downloaded."""
     endpoint = _endpoint(endpoint)
     repo_id, revision = _split_revision(repo_id, revision)
-    if fmt not in REPO_FILES:
-        raise StateHubError(f"--format {fmt}: choose one of {', '.join(REPO_FILES)}")
+    role = ROLE_OF_FORMAT.get(FORMAT_ALIASES.get(fmt, fmt))
+    if role is None:
+        raise InvalidOptionError(f"{option('fmt', fmt)}: choose one of {', '.join(PULL_FORMATS)}")
     try:
         manifest_path = _download(repo_id, MANIFEST, revision, token, endpoint)
-    except StateHubError as e:
-        if f"{MANIFEST} is not in the repo" in str(e):
-            raise StateHubError(f"{repo_id}: not an rwkv-state repo (it has no {MANIFEST}); push states with "
-                                "`rwkv-state push`") from None
-        raise
+    except HubEntryNotFoundError:
+        raise HubError(f"{repo_id}: not an rwkv-state repo (it has no {MANIFEST}); push states with "
+                       "`rwkv-state push`") from None
     if not _matches_etag(manifest_path):
         _forget(manifest_path)
-        raise StateHubError(f"{repo_id}/{MANIFEST}: the download does not match its ETag: it was corrupted on the "
-                            "way and has been removed from the cache; run again")
+        raise HubError(f"{repo_id}/{MANIFEST}: the download does not match its ETag: it was corrupted on the "
+                       "way and has been removed from the cache; run again")
     commit = manifest_path.parent.name if _COMMIT.match(manifest_path.parent.name) else revision
     manifest = read_manifest(manifest_path, f"{repo_id}/{MANIFEST}")
     made_for = manifest["base_model_sha256"]
@@ -394,28 +451,28 @@ def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None,
             problem = (f"{repo_id}: made for {made_for_name} (sha256 {made_for[:12]}), but {have.label} has "
                        f"sha256 {have.sha256[:12]}")
             if not force:
-                raise StateHubError(f"{problem} (use --force to use it anyway)")
+                raise ModelMismatchError(f"{problem} (pass {option('force', True)} to use it anyway)")
             warnings.append(problem)
-    entry = manifest["files"].get(fmt)
+    entry = manifest["files"].get(role)
     if entry is None:
-        have_formats = ", ".join(r for r in manifest["files"] if r in REPO_FILES)
-        raise StateHubError(f"{repo_id}: no {fmt} file in this repo (it has: {have_formats})")
+        have_formats = ", ".join(EXPORT_FORMATS[r] for r in manifest["files"] if r in REPO_FILES)
+        raise HubEntryNotFoundError(f"{repo_id}: no {EXPORT_FORMATS[role]} file in this repo (it has: {have_formats})")
     where = f"{repo_id}/{entry['path']}"
     if max_bytes is not None and entry["size"] > max_bytes:
-        raise StateHubError(f"{where}: {entry['size'] >> 20} MB says the manifest, over the {max_bytes >> 20} MB "
-                            "taken here; not downloaded")
+        raise InvalidStateError(f"{where}: {entry['size'] >> 20} MB says the manifest, over the {max_bytes >> 20} MB "
+                                "taken here; not downloaded")
     path = _download(repo_id, entry["path"], commit, token, endpoint)
     _verified(path, entry, where)
-    state = load_state(path)
+    state = load_state(path, name=where)
     recorded = state.base_model_sha256  # a native or ai00 file says itself which model it was made for
     if recorded and recorded != made_for:
-        raise StateHubError(f"{where}: the file records base model sha256 {recorded[:12]}, but the repo's "
-                            f"{MANIFEST} says {made_for[:12]}: the repo is inconsistent; not using it")
+        raise InvalidStateError(f"{where}: the file records base model sha256 {recorded[:12]}, but the repo's "
+                                f"{MANIFEST} says {made_for[:12]}: the repo is inconsistent; not using it")
     if spec is not None:
         labelled = State(state.wkv, state.shift, {**state.metadata, "arch": manifest.get("arch")}, where)
-        broken = labelled.fit_problems(spec)
+        broken = labelled.problems(spec, identity=False)
         if broken:
-            raise StateHubError(broken[0])
+            raise ModelMismatchError(broken[0])
     if output is not None:
         out = Path(output)
         if out.is_dir():
@@ -427,12 +484,12 @@ def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None,
     return PullResult(path, manifest, commit, warnings)
 
 
-def pull(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "native",
+def pull(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "safetensors",
          output: str | os.PathLike | None = None, revision: str | None = None, force: bool = False,
          token: str | None = None, endpoint: str | None = None, max_bytes: int | None = None) -> Path:
     """Download a state (huggingface_hub's cache, resumable), verify every byte against the manifest, check it
     was made for `model` (local path, hf://owner/repo/file.pth or a ModelSpec; None skips that check), and
-    return the local path of the file in format `fmt` ("native" | "pth" | "ai00")."""
+    return the local path of the file in format `fmt` ("safetensors" | "pth" | "ai00")."""
     return pull_state(repo_id, model, fmt=fmt, output=output, revision=revision, force=force, token=token,
                       endpoint=endpoint, max_bytes=max_bytes).path
 
@@ -447,12 +504,12 @@ def model_card(repo_id: str, *, revision: str | None = None, token: str | None =
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise StateHubError(f"{repo_id}/README.md: {size >> 10} KB, over the {max_bytes >> 10} KB shown")
+            raise HubError(f"{repo_id}/README.md: {size >> 10} KB, over the {max_bytes >> 10} KB shown")
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise StateHubError(f"{repo_id}/README.md: not UTF-8 text (byte {e.start})") from None
+        raise HubError(f"{repo_id}/README.md: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
-        raise StateHubError(f"{repo_id}/README.md: cannot be read ({os_reason(e) or type(e).__name__})") from None
+        raise HubError(f"{repo_id}/README.md: cannot be read ({os_reason(e) or type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------- search
@@ -478,7 +535,7 @@ def search(model: str | os.PathLike | ModelSpec | None = None, *, sha256: str | 
     sha256), through the Hub's own search on the hash tag."""
     endpoint = _endpoint(endpoint)
     if (model is None) == (sha256 is None):
-        raise StateHubError("search needs exactly one of --model and --sha256")
+        raise InvalidOptionError(f"search needs exactly one of {option('model')} and {option('sha256')}")
     digest = check_sha256(sha256) if sha256 is not None else model_identity(model, token=token,
                                                                             endpoint=endpoint).sha256
     tag = hash_tag(digest)

@@ -15,15 +15,18 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
-from .errors import StateHubError
+from .errors import InvalidOptionError, InvalidStateError, option
 from .files import sha256_file
 from .state import FORMAT_VERSION, State, check_types, json_type, load_json
 
 MANIFEST = "rwkv-state.json"
 MANIFEST_FORMAT = "rwkv-state-hub/state-repo"
 # format name (as `pull --format` says it) -> file name in the repo, and the export format that writes it
+# manifest role -> file name in the repo, and the format that writes it. The role of our own file is "native" in
+# every manifest already on the Hub; users name that format "safetensors", as everywhere else.
 REPO_FILES = {"native": "state.safetensors", "pth": "state.pth", "ai00": "state.st"}
 EXPORT_FORMATS = {"native": "safetensors", "pth": "pth", "ai00": "ai00"}
+ROLE_OF_FORMAT = {fmt: role for role, fmt in EXPORT_FORMATS.items()}
 LOSS_PLOT = "loss.png"
 HASH_TAG_PREFIX = "base-sha256:"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,11 +61,13 @@ class BaseModel:
                                   "file": self.file}.items() if v is not None}
 
 
-def check_sha256(text: str, what: str = "--sha256") -> str:
+def check_sha256(text: str, what: str | None = None) -> str:
     """A sha256 as lower-case hex, or one clear line."""
     value = text.strip().lower()
     if not _HEX64.match(value):
-        raise StateHubError(f"{what} {text!r}: expected 64 hexadecimal digits (the sha256 of the base model file)")
+        error = InvalidStateError if what else InvalidOptionError  # a file's field, or the caller's parameter
+        raise error(f"{what or option('sha256')} {text!r}: expected 64 hexadecimal digits (the sha256 of the base "
+                    "model file)")
     return value
 
 
@@ -102,24 +107,24 @@ def read_manifest(path: str | Path, where: str) -> dict[str, Any]:
         with open(path, "rb") as f:
             data = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
-        raise StateHubError(f"{where}: not a readable rwkv-state manifest ({e.strerror or e})") from None
+        raise InvalidStateError(f"{where}: not a readable rwkv-state manifest ({e.strerror or e})") from None
     m = load_json(data, f"{where}: manifest", MAX_MANIFEST_BYTES)
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         found = m.get("format") if isinstance(m, dict) else None
-        raise StateHubError(f"{where}: not an rwkv-state manifest (format is {found!r:.80})")
+        raise InvalidStateError(f"{where}: not an rwkv-state manifest (format is {found!r:.80})")
     check_types(m, MANIFEST_TYPES, where)
     check_types(m.get("base_model") or {}, BASE_MODEL_TYPES, where, "base_model.")
     if m.get("format_version") is None:
-        raise StateHubError(f"{where}: the manifest has no format_version")
+        raise InvalidStateError(f"{where}: the manifest has no format_version")
     if m["format_version"] > FORMAT_VERSION:
-        raise StateHubError(f"{where}: manifest format version {m['format_version']} is newer than this "
-                            f"rwkv-state-hub understands ({FORMAT_VERSION}); upgrade rwkv-state-hub")
+        raise InvalidStateError(f"{where}: manifest format version {m['format_version']} is newer than this "
+                                f"rwkv-state-hub understands ({FORMAT_VERSION}); upgrade rwkv-state-hub")
     check_sha256(str(m.get("base_model_sha256")), f"{where}: base_model_sha256")
     files = m.get("files")
     if not files or "native" not in files:
-        raise StateHubError(f"{where}: the manifest lists no native state file")
+        raise InvalidStateError(f"{where}: the manifest lists no native state file")
     if len(files) > MAX_MANIFEST_FILES:
-        raise StateHubError(f"{where}: the manifest lists {len(files)} files, over {MAX_MANIFEST_FILES}")
+        raise InvalidStateError(f"{where}: the manifest lists {len(files)} files, over {MAX_MANIFEST_FILES}")
     for role, entry in files.items():
         _check_entry(role, entry, where)
     return m
@@ -135,18 +140,18 @@ def _plain_name(name: str) -> bool:
 def _check_entry(role: str, entry: Any, where: str) -> None:
     """One `files` entry of a manifest: a plain role and path, a size and a sha256; one line otherwise."""
     if not _plain_name(role):
-        raise StateHubError(f"{where}: the manifest lists a file under {role!r:.60}, not a plain name")
+        raise InvalidStateError(f"{where}: the manifest lists a file under {role!r:.60}, not a plain name")
     at = f"{where}: damaged entry for the {role} file"
     if not isinstance(entry, dict):
-        raise StateHubError(f"{at}: expected an object, found {json_type(entry)}")
+        raise InvalidStateError(f"{at}: expected an object, found {json_type(entry)}")
     missing = next((k for k in FILE_ENTRY_TYPES if entry.get(k) is None), None)
     if missing:
-        raise StateHubError(f"{at}: it has no {missing}")
+        raise InvalidStateError(f"{at}: it has no {missing}")
     check_types(entry, FILE_ENTRY_TYPES, at)
     if not _plain_name(entry["path"]):
-        raise StateHubError(f"{at}: path {entry['path']!r:.80} is not a plain file name")
+        raise InvalidStateError(f"{at}: path {entry['path']!r:.80} is not a plain file name")
     if entry["size"] < 0 or not _HEX64.match(entry["sha256"]):
-        raise StateHubError(f"{at}: needs a size of 0 or more and a sha256 of 64 lower-case hex digits")
+        raise InvalidStateError(f"{at}: needs a size of 0 or more and a sha256 of 64 lower-case hex digits")
 
 
 # ---------------------------------------------------------------- the model card

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import ModelSpec, load_state_dict, nonfinite_tensors, spec_from_state_dict
-from .errors import StateHubError
+from .errors import FileAccessError, option
 from .files import sha256_file
 from .formats import _kind, _load
 
@@ -27,16 +27,16 @@ def state_consumers(fmt: str, arch: str | None) -> list[str]:
         return ["Ai00 server / web-rwkv ([[state]] in Config.toml)", "rwkv-state-hub"]
     if fmt == "merged":
         return ["rwkv pip package (forward(tokens, None) starts from the state; v5.2/v6 only)", "rwkv-state-hub"]
-    return ["rwkv-state-hub (export it: --format pth for Runner/PEFT/pip, ai00 for Ai00)"]
+    return [f"rwkv-state-hub (export it: {option('fmt', 'pth')} for Runner/PEFT/pip, {option('fmt', 'ai00')} for Ai00)"]
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """A dict describing a checkpoint or state file, for `rwkv-state info`."""
     path = Path(path)
     if not path.is_file():
-        raise StateHubError(f"{path}: no such file")
+        raise FileAccessError(f"{path}: no such file")
     out: dict[str, Any] = {"file": str(path), "size": path.stat().st_size}
-    if _kind(path) == "torch":
+    if _kind(path, str(path)) == "torch":
         sd = load_state_dict(path)
         if "emb.weight" in sd:
             spec = spec_from_state_dict(sd, path)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import ModelSpec, read_spec
-from .errors import StateHubError
+from .errors import InvalidOptionError, ModelMismatchError, option
 from .state import State
 
 
@@ -32,9 +32,12 @@ def pip_state(
     `dtype` is the strategy's activation dtype (fp32 for "cpu fp32", fp16 for "cuda fp16"), used for the
     token-shift entries; the wkv entries are always fp32, as pip keeps them.
     """
+    if arch is None and state.arch is None:
+        raise InvalidOptionError(f"{state.source}: the state does not record its architecture; pass "
+                                 f"{option('arch', 'v7')} (or 'v5.2', 'v6')")
     arch = arch or state.arch
     if arch not in ("v5.2", "v6", "v7"):
-        raise StateHubError(f"{state.source}: cannot tell the architecture; pass arch='v5.2', 'v6' or 'v7'")
+        raise InvalidOptionError(f"{option('arch', arch)}: expected 'v5.2', 'v6' or 'v7'")
     out: list[Tensor] = []
     for i in range(state.n_layer):
         wkv = state.wkv[i].float()
@@ -52,7 +55,7 @@ def state_from_pip(pip_list: list[Tensor], spec: ModelSpec, **metadata) -> State
     """Read a pip state list back (e.g. after pip ran a prompt): a State for `spec`, token shift included."""
     L = spec.n_layer
     if len(pip_list) != 3 * L:
-        raise StateHubError(f"a pip state list for {spec.name} has {3 * L} entries, got {len(pip_list)}")
+        raise ModelMismatchError(f"a pip state list for {spec.name} has {3 * L} entries, got {len(pip_list)}")
     wkv = torch.stack([pip_list[3 * i + 1].float().cpu() for i in range(L)])
     if _pip_wkv_is_transposed(spec.arch):
         wkv = wkv.transpose(2, 3)

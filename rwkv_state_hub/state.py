@@ -7,14 +7,21 @@ the de-facto `.pth` files. Transposes happen only at the edges that need them (f
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .checkpoint import ModelSpec, nonfinite_tensors
-from .errors import StateHubError
+from .errors import InvalidOptionError, InvalidStateError, ModelMismatchError, StateHubError, option, warn
+
+if TYPE_CHECKING:
+    from .model import RWKV
+
+STATE_FILE = "state.safetensors"  # the state in a saved folder, a Hub repo and a training run
 
 FORMAT_VERSION = 1
 MAX_METADATA_BYTES = 1 << 20
@@ -45,6 +52,61 @@ class State:
     shift: Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = "state"  # the file it was read from, for messages
+    metrics: list[dict] = field(default_factory=list, repr=False, compare=False)  # training history, for loss.png
+
+    def __repr__(self) -> str:
+        base = self.metadata.get("base_model_name") or "unknown base model"
+        sha = f" {self.base_model_sha256[:12]}" if self.base_model_sha256 else ""
+        parts = "wkv + token shift" if self.shift is not None else "wkv"
+        return f"State({self.arch or 'RWKV'}, {self.dims()}, {parts}, for {base}{sha}, from {self.source!r})"
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, model: RWKV | ModelSpec | str | os.PathLike | None = None,
+                        force: bool = False, revision: str | None = None, token: str | None = None,
+                        endpoint: str | None = None) -> State:
+        """A state from a folder (`save_pretrained`'s, or a training run's), a state file in any format we read
+        (.safetensors, .pth, Ai00 .st), or a Hub repo id ("owner/name", "owner/name@revision").
+
+        With `model` (a loaded RWKV, its ModelSpec, or a path / hf:// name), the state must fit it: a
+        ModelMismatchError otherwise; `force=True` waives only another base model's sha256, with a warning."""
+        from .formats import load_state
+        from .hub import is_repo_id, pull
+
+        spec = model_spec(model)
+        path = Path(os.fsdecode(source))
+        if path.is_dir():
+            path = _state_file_in(path)
+        elif not path.exists() and is_repo_id(os.fsdecode(source)):
+            path = pull(os.fsdecode(source), spec, revision=revision, force=force, token=token, endpoint=endpoint)
+        state = load_state(path)
+        if spec is not None:
+            for problem in state.check(spec, force=force):
+                warn(problem)
+        return state
+
+    def save_pretrained(self, folder: str | os.PathLike, *, exports: tuple[str, ...] | list[str] = ("pth", "ai00"),
+                        model: RWKV | ModelSpec | str | os.PathLike | None = None, force: bool = False) -> Path:
+        """Write `folder` as a Hub repo would hold it: state.safetensors, the consumer `exports` ("pth" for RWKV
+        Runner / RWKV-PEFT / the rwkv pip package, "ai00"), loss.png when the state has a training history,
+        the manifest and a model card. `model` labels (and checks) a state that does not record its base
+        model. Returns the folder."""
+        from .hub import save_folder
+
+        return save_folder(self, folder, model=model_spec(model), exports=exports, force=force).path
+
+    def push_to_hub(self, repo_id: str, *, model: RWKV | ModelSpec | str | os.PathLike | None = None,
+                    private: bool = False, revision: str | None = None,
+                    exports: tuple[str, ...] | list[str] = ("pth", "ai00"), token: str | None = None,
+                    endpoint: str | None = None, force: bool = False, message: str | None = None):
+        """Upload what `save_pretrained` writes to `repo_id` in one commit (creating the repo); returns the
+        PushResult (url, commit, files). `model` may also be hf://owner/repo/file.pth: checked without a
+        download."""
+        from .hub import push
+
+        if model is not None and not isinstance(model, str | os.PathLike | ModelSpec):
+            model = model_spec(model)
+        return push(self, repo_id, model=model, private=private, revision=revision, exports=exports, token=token,
+                    endpoint=endpoint, force=force, message=message)
 
     @property
     def n_layer(self) -> int:
@@ -83,30 +145,26 @@ class State:
         return State(self.wkv, self.shift, {**self.metadata, **for_model(spec)}, self.source)
 
     def check(self, spec: ModelSpec, force: bool = False) -> list[str]:
-        """Raise StateHubError unless this state fits `spec`.
+        """Raise ModelMismatchError unless this state fits `spec`; return the warnings `force` let through.
 
         `force` waives only a base-model sha256 mismatch (a state may be reused on a fine-tune of its
-        model, at the user's risk) and returns it; a state of the wrong shape, dtype or architecture,
-        or with non-finite values, is always refused: it cannot work.
+        model, at the user's risk); a state of the wrong shape, dtype or architecture, or with non-finite
+        values, is always refused: it cannot work.
         """
-        broken = self.fit_problems(spec)
+        broken = self.problems(spec, identity=False)
         if broken:
-            raise StateHubError(broken[0])
-        identity = self.identity_problem(spec)
+            raise ModelMismatchError(broken[0])
+        identity = self._identity_problem(spec)
         if identity and not force:
-            raise StateHubError(f"{identity} (use --force to use it anyway)")
+            raise ModelMismatchError(f"{identity} (pass {option('force', True)} to use it anyway)")
         return [identity] if identity else []
 
-    def problems(self, spec: ModelSpec) -> list[str]:
-        """Every way this state does not fit `spec`, each a one-line message; [] when it fits."""
-        identity = self.identity_problem(spec)
-        return self.fit_problems(spec) + ([identity] if identity else [])
-
-    def fit_problems(self, spec: ModelSpec) -> list[str]:
-        """What makes this state unusable on `spec`: shape, architecture, dtype, non-finite values."""
-        out = []
+    def problems(self, spec: ModelSpec, identity: bool = True) -> list[str]:
+        """Every way this state does not fit `spec`, one line each; [] when it fits. With identity=False, only
+        what makes it unusable (shape, architecture, dtype, non-finite values), not another base model's sha256."""
         if self.wkv.dim() != 4 or self.wkv.shape[2] != self.wkv.shape[3]:
             return [f"{self.source}: wkv state has shape {list(self.wkv.shape)}, expected [layers, heads, N, N]"]
+        out = []
         if (self.n_layer, self.n_head, self.head_size) != (spec.n_layer, spec.n_head, spec.head_size):
             out.append(f"{self.source}: {self.dims()}, but {spec.name} has {spec.dims()}")
         if self.arch and self.arch != spec.arch:
@@ -114,11 +172,10 @@ class State:
         if self.shift is not None and tuple(self.shift.shape) != (spec.n_layer, 2, spec.n_embd):
             out.append(f"{self.source}: token-shift state {list(self.shift.shape)}, "
                        f"but {spec.name} needs [{spec.n_layer}, 2, {spec.n_embd}]")
-        for name, t in self.tensors().items():
-            if t.dtype != torch.float32:
-                out.append(f"{self.source}: {name} state is {t.dtype}, expected float32")
-        nonfinite = self.nonfinite_problem()
-        return out + ([nonfinite] if nonfinite else [])
+        out += [f"{self.source}: {name} state is {t.dtype}, expected float32"
+                for name, t in self.tensors().items() if t.dtype != torch.float32]
+        out += [p for p in (self.nonfinite_problem(), identity and self._identity_problem(spec)) if p]
+        return out
 
     def tensors(self) -> dict[str, Tensor]:
         """The state's tensors by name: wkv, and token-shift when it has one."""
@@ -134,9 +191,9 @@ class State:
         """The one check every writer makes before a byte is written."""
         problem = self.nonfinite_problem()
         if problem:
-            raise StateHubError(f"{problem}; not writing it")
+            raise InvalidStateError(f"{problem}; not writing it")
 
-    def identity_problem(self, spec: ModelSpec) -> str | None:
+    def _identity_problem(self, spec: ModelSpec) -> str | None:
         """A message if this state records another base model (by sha256) than `spec`'s file."""
         want = self.base_model_sha256
         if want and spec.sha256 and want != spec.sha256:
@@ -180,6 +237,31 @@ class State:
         return cls(wkv, shift, {**for_model(spec), **metadata})
 
 
+def model_spec(model: RWKV | ModelSpec | str | os.PathLike | None) -> ModelSpec | None:
+    """What a `model=` parameter names, as a ModelSpec: a loaded RWKV's, a spec itself, or a checkpoint's
+    (a path or hf://owner/repo/file.pth, read without loading the weights)."""
+    if model is None or isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str | os.PathLike):
+        from .checkpoint import read_spec
+        from .hub import resolve_model
+
+        return read_spec(resolve_model(model))
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, ModelSpec):
+        raise InvalidOptionError(f"model: expected an RWKV model, a ModelSpec or a checkpoint path, "
+                                 f"found {type(model).__name__}")
+    return spec
+
+
+def _state_file_in(folder: Path) -> Path:
+    """The state of a saved folder or a training run (its last state, not best.safetensors)."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise InvalidStateError(f"{folder}: a folder without {STATE_FILE}; name the state file itself")
+    return path
+
+
 def for_model(spec: ModelSpec) -> dict[str, Any]:
     """The metadata that ties a state to its base model."""
     meta: dict[str, Any] = {
@@ -197,19 +279,19 @@ def for_model(spec: ModelSpec) -> dict[str, Any]:
 # ---------------------------------------------------------------- untrusted JSON: metadata (and manifests)
 
 
-def load_json(text: str | bytes, where: str, max_bytes: int) -> Any:
+def load_json(text: str | bytes, where: str, max_bytes: int, error: type[StateHubError] = InvalidStateError) -> Any:
     """JSON from a file a stranger made: at most `max_bytes` and MAX_JSON_DEPTH levels (the parser recurses once
     per level, so depth is bounded too), one line naming `where` otherwise."""
     if len(text) > max_bytes:
-        raise StateHubError(f"{where}: {len(text)} bytes of JSON, over the {max_bytes} limit")
+        raise error(f"{where}: {len(text)} bytes of JSON, over the {max_bytes} limit")
     try:
         value = json.loads(text)
     except RecursionError:
-        raise StateHubError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+        raise error(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
-        raise StateHubError(f"{where}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
+        raise error(f"{where}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
     if _deeper_than(value, MAX_JSON_DEPTH):
-        raise StateHubError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        raise error(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
 
@@ -228,7 +310,8 @@ def json_type(value: Any) -> str:
     return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
-def check_types(obj: dict[str, Any], types: dict[str, type], where: str, prefix: str = "") -> None:
+def check_types(obj: dict[str, Any], types: dict[str, type], where: str, prefix: str = "",
+                error: type[StateHubError] = InvalidStateError) -> None:
     """Each key of `types` that `obj` has (null counts as absent) holds that JSON type; an integer must not be
     true/false, a number may be an integer, and a string must be short and printable (it ends up in one-line
     messages)."""
@@ -240,10 +323,10 @@ def check_types(obj: dict[str, Any], types: dict[str, type], where: str, prefix:
         if want is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok:
-            raise StateHubError(f"{where}: {prefix}{key} must be {_JSON_NAMES[want]}, found {json_type(value)}")
+            raise error(f"{where}: {prefix}{key} must be {_JSON_NAMES[want]}, found {json_type(value)}")
         if want is str and (not value.isprintable() or len(value) > MAX_FIELD_CHARS):
-            raise StateHubError(f"{where}: {prefix}{key} holds line breaks or control characters, or is over "
-                                f"{MAX_FIELD_CHARS} characters")
+            raise error(f"{where}: {prefix}{key} holds line breaks or control characters, or is over "
+                        f"{MAX_FIELD_CHARS} characters")
 
 
 def parse_metadata(text: str, where: str) -> dict[str, Any]:
@@ -251,11 +334,11 @@ def parse_metadata(text: str, where: str) -> dict[str, Any]:
     so that check, info, export, mix and the demo can rely on the types of the keys they read."""
     meta = load_json(text, f"{where}: metadata", MAX_METADATA_BYTES)
     if not isinstance(meta, dict):
-        raise StateHubError(f"{where}: metadata must be a JSON object, found {json_type(meta)}")
+        raise InvalidStateError(f"{where}: metadata must be a JSON object, found {json_type(meta)}")
     check_types(meta, METADATA_TYPES, f"{where}: metadata")
     training = meta.get("training") or {}
     check_types(training, TRAINING_TYPES, f"{where}: metadata", "training.")
     parents = training.get("parents") or []
     if not all(isinstance(p, dict) for p in parents):
-        raise StateHubError(f"{where}: metadata training.parents must be a list of objects")
+        raise InvalidStateError(f"{where}: metadata training.parents must be a list of objects")
     return meta

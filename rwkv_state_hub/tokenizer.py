@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import StateHubError
+from .errors import TokenizerError, option
 
 if TYPE_CHECKING:
     from .checkpoint import ModelSpec
@@ -52,7 +52,7 @@ class Tokenizer(ABC):
         """The token ids of `text`; text that is not valid Unicode gets one line instead of a UnicodeEncodeError."""
         why = lone_surrogate(text)
         if why is not None:
-            raise StateHubError(f"cannot encode the text: {why}")
+            raise TokenizerError(f"cannot encode the text: {why}")
         return self._encode(text)
 
     @abstractmethod
@@ -98,7 +98,7 @@ def _world_trie():
 
     vocab = Path(rwkv.__file__).parent / WORLD_VOCAB
     if not vocab.is_file():
-        raise StateHubError(f"{vocab}: the World vocabulary is missing from the rwkv package; reinstall it")
+        raise TokenizerError(f"{vocab}: the World vocabulary is missing from the rwkv package; reinstall it")
     return TRIE_TOKENIZER(str(vocab))
 
 
@@ -133,19 +133,19 @@ class HFTokenizer(Tokenizer):
         try:
             size = path.stat().st_size if path.is_file() else None
         except OSError as e:
-            raise StateHubError(f"{path}: cannot read ({e.strerror})") from None
+            raise TokenizerError(f"{path}: cannot read ({e.strerror})") from None
         if size is None:
-            raise StateHubError(f"{path}: no such tokenizer file")
+            raise TokenizerError(f"{path}: no such tokenizer file")
         if size > MAX_TOKENIZER_BYTES:
-            raise StateHubError(f"{path}: {size} bytes, more than any tokenizer.json "
-                                f"({MAX_TOKENIZER_BYTES >> 20} MiB at most)")
+            raise TokenizerError(f"{path}: {size} bytes, more than any tokenizer.json "
+                                 f"({MAX_TOKENIZER_BYTES >> 20} MiB at most)")
         try:
             self._tok = _HF.from_file(str(path))
         except BaseException as e:  # noqa: BLE001 - plain Exceptions for a bad file; a Rust panic is a BaseException
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise StateHubError(f"{path}: not a valid tokenizer.json ({reason})") from None
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({reason})") from None
         self.path = path
         self.name = f"hf:{path}"
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -171,22 +171,23 @@ def _find_eod(tok) -> int | None:
 def get_tokenizer(name: str | None = None, spec: ModelSpec | None = None) -> Tokenizer:
     """name: "world" | "bytes" (UTF-8 bytes) | "utf-16-le" | a path to a Hugging Face tokenizer.json.
 
-    None: chosen from spec.vocab_size (65536 -> world, 256 -> bytes); anything else needs --tokenizer,
+    None: chosen from spec.vocab_size (65536 -> world, 256 -> bytes); anything else needs a name,
     because guessing wrong trains a state on text the model never reads.
     """
     if name is None:
         if spec is None:
-            raise StateHubError("no tokenizer named and no model to choose one from; pass --tokenizer")
+            raise TokenizerError(f"no tokenizer named and no model to choose one from; pass {option('tokenizer')}")
         if spec.vocab_size == WORLD_VOCAB_SIZE:
             return WorldTokenizer()
         if spec.vocab_size == 256:
             return ByteTokenizer("utf-8")
-        raise StateHubError(f"model {spec.name} has a vocabulary of {spec.vocab_size} tokens, which matches no "
-                            "built-in tokenizer; pass --tokenizer (world, bytes, utf-16-le or a tokenizer.json)")
+        raise TokenizerError(f"model {spec.name} has a vocabulary of {spec.vocab_size} tokens, which matches no "
+                             f"built-in tokenizer; pass {option('tokenizer')} (world, bytes, utf-16-le or a "
+                             "tokenizer.json)")
     tok = _named(name)
     if spec is not None and tok.vocab_size > spec.vocab_size:
-        raise StateHubError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but model {spec.name} "
-                            f"has {spec.vocab_size}")
+        raise TokenizerError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but model {spec.name} "
+                             f"has {spec.vocab_size}")
     return tok
 
 
@@ -201,7 +202,7 @@ def check_tokenizer_name(name: str | os.PathLike) -> str | None:
 def _named(name: str) -> Tokenizer:
     why = check_tokenizer_name(name)
     if why is not None:
-        raise StateHubError(f"unknown tokenizer {name!r}: {why}")
+        raise TokenizerError(f"{option('tokenizer', name)}: unknown tokenizer: {why}")
     kind = _ALIASES.get(name.strip().lower())
     if kind == "world":
         return WorldTokenizer()

@@ -151,3 +151,13 @@ class LoopbackPostServer:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _python_dialect():
+    """Every test starts with library messages in Python's words (`force=True`), whatever a CLI test before it did."""
+    from rwkv_state_hub.errors import speak_cli
+
+    speak_cli(False)
+    yield
+    speak_cli(False)

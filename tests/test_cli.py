@@ -7,13 +7,19 @@ import json
 import subprocess
 import sys
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import EXAMPLE_MODEL, random_state_like
 
-from rwkv_state_hub import __version__, load_state, read_spec, save_native
+import rwkv_state_hub
+from rwkv_state_hub import State, __version__, load_state, read_spec
 from rwkv_state_hub.cli import cli
+from rwkv_state_hub.errors import InvalidOptionError, option
+from rwkv_state_hub.files import sha256_file
+from rwkv_state_hub.formats import PIP_V7_ADVICE, export_state, save_native
+from rwkv_state_hub.pip_bridge import load_pip_model
 
 COMMANDS = ["info", "check", "export", "train", "eval", "generate", "bake", "mix", "diff"]
 
@@ -98,8 +104,20 @@ def test_export_merged_refuses_v7(tmp_path, random_models):
     save_native(random_state_like(spec), src)
     out = tmp_path / "m.pth"
     r = run("export", str(src), "--format", "merged", "-o", str(out), "--model", str(random_models["v7"]))
-    assert r.returncode == 1 and "pip_state" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and PIP_V7_ADVICE in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_the_advice_for_a_merged_v7_is_a_call_that_works(random_models):
+    """The advised call, run as written, gives the rwkv pip package's RWKV-7 the state: its logits are ours."""
+    spec = read_spec(random_models["v7"])
+    state = random_state_like(spec, seed=3, scale=0.5, full=True)
+    advised = eval(PIP_V7_ADVICE, {"rwkv_state_hub": rwkv_state_hub, "state": State(state.wkv, state.shift)})
+    tokens = [5, 17, 42]
+    theirs, _ = load_pip_model(random_models["v7"]).forward(tokens, advised)
+    with torch.no_grad():
+        ours = rwkv_state_hub.load_model(random_models["v7"])(torch.tensor([tokens]), state.to_recurrent())[0][0, -1]
+    assert (theirs.float() - ours).abs().max() < 1e-4
 
 
 @pytest.mark.slow
@@ -110,3 +128,58 @@ def test_bad_input_is_one_line(tmp_path):
         r = run(*args)
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and args[1] in r.stderr
+
+
+def walk(group: click.Group, path: tuple[str, ...] = ()):
+    """(command path, command) for every command, the plugins' included."""
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from walk(command, (*path, name))
+        else:
+            yield " ".join((*path, name)), command
+
+
+def test_every_option_has_help_and_model_is_shown_alike():
+    ctx = click.Context(cli)
+    commands = dict(walk(cli))
+    assert {"export", "train", "demo", "runner install", "ai00 chat"} <= set(commands)
+    no_help = [f"{name} {p.opts[0]}" for name, c in commands.items() for p in c.params
+               if isinstance(p, click.Option) and not (p.help or "").strip()]
+    assert no_help == []
+    metavars = {name: p.make_metavar(ctx) for name, c in commands.items() for p in c.params if p.name == "model"}
+    assert len(metavars) >= 10 and set(metavars.values()) == {"MODEL"}, metavars
+
+
+def test_one_name_for_our_format_and_native_still_taken(state_file, tmp_path):
+    for command in ("export", "bake", "pull"):
+        fmt = next(p for p in cli.commands[command].params if p.name == "fmt")
+        assert "safetensors" in fmt.type.choices and "native" not in fmt.type.choices
+        assert fmt.type.convert("native", fmt, None) == "safetensors"
+    out = tmp_path / "copy.safetensors"
+    r = CliRunner().invoke(cli, ["export", str(state_file), "--format", "native", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(load_state(out).shift, load_state(state_file).shift)  # our format: token shift kept
+
+
+def test_ai00_refuses_a_dtype_it_cannot_hold_in_the_callers_words(state_file, tmp_path):
+    out = tmp_path / "s.st"
+    r = CliRunner().invoke(cli, ["export", str(state_file), "--format", "ai00", "--dtype", "bf16", "-o", str(out)])
+    assert r.exit_code == 1 and "--dtype bf16: the ai00 format holds fp16 only" in r.output and not out.exists()
+    assert option("force", True) == "force=True"  # the command line's words stay with the command line
+    with pytest.raises(InvalidOptionError, match="^dtype='bf16': the ai00 format holds fp16 only"):
+        export_state(load_state(state_file), out, "ai00", dtype="bf16")
+    assert CliRunner().invoke(cli, ["export", str(state_file), "--format", "ai00", "-o", str(out)]).exit_code == 0
+
+
+def test_mix_warns_of_a_missing_token_shift_and_info_shows_parents_readably(state_file, tmp_path):
+    wkv_only = tmp_path / "wkv-only.pth"
+    assert CliRunner().invoke(cli, ["export", str(state_file), "--format", "pth", "-o", str(wkv_only)]).exit_code == 0
+    mixed = tmp_path / "mixed.safetensors"
+    r = CliRunner().invoke(cli, ["mix", str(state_file), str(wkv_only), "--weights", "0.7,0.3", "-o", str(mixed)])
+    assert r.exit_code == 0, r.output
+    assert "warning: wkv-only.pth has no token-shift state" in r.stderr and "0.7 x s.safetensors's" in r.stderr
+    assert torch.allclose(load_state(mixed).shift, 0.7 * load_state(state_file).shift)
+    r = CliRunner().invoke(cli, ["info", str(mixed)])
+    assert r.exit_code == 0, r.output
+    assert f"- file s.safetensors, weight 0.7, sha256 {sha256_file(state_file)[:12]}\n" in r.output
+    assert "- file wkv-only.pth, weight 0.3, sha256 " in r.output and "{" not in r.output

@@ -16,8 +16,9 @@ import torch
 from click.testing import CliRunner
 from conftest import REAL_MODELS, REPO, random_state_like, real_model_path
 
-from rwkv_state_hub import load_model, save_native
+from rwkv_state_hub import load_model
 from rwkv_state_hub.cli import cli
+from rwkv_state_hub.formats import save_native
 
 TOL = 1e-4
 TOKENS = [72, 101, 108, 108, 111]

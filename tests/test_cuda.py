@@ -518,19 +518,19 @@ def test_the_backend_is_chosen_by_name_and_cuda_only_when_asked(fresh_loader, mo
 
 def test_train_with_kernel_cuda_falls_back_on_this_machine_and_rejects_unknown_kernels(
         fresh_loader, tmp_path, capsys):
-    from rwkv_state_hub.train import TrainConfig, train
+    from rwkv_state_hub.training import TrainConfig, train
 
     model = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join((REPO / "examples" / "data" / "train.jsonl").read_text().splitlines()[:4]) + "\n")
     base = dict(model=str(model), data=[str(data)], steps=1, micro_bsz=2, device="cpu", seed=1)
-    with pytest.raises(StateHubError, match="--kernel triton: choose from auto, torch, cuda"):
+    with pytest.raises(StateHubError, match="kernel='triton': choose from auto, torch, cuda"):
         train(TrainConfig(**base, out=str(tmp_path / "bad"), kernel="triton"), progress=False)
     torch_run = train(TrainConfig(**base, out=str(tmp_path / "torch"), kernel="torch"), progress=False)
     capsys.readouterr()
     cuda_run = train(TrainConfig(**base, out=str(tmp_path / "cuda"), kernel="cuda"), progress=False)
     assert capsys.readouterr().err.splitlines() == [
-        "rwkv-state-hub: CUDA WKV kernels not used (--kernel cuda with --device cpu); using the torch path"]
+        "rwkv-state-hub: CUDA WKV kernels not used (kernel='cuda' with device='cpu'); using the torch path"]
     assert wkv.backend() == "chunked"  # the trainer's choice ends with the run
     torch.testing.assert_close(cuda_run.state.wkv, torch_run.state.wkv)
 

@@ -20,7 +20,7 @@ from rwkv_state_hub.data import (
     windows,
     write_binidx,
 )
-from rwkv_state_hub.errors import StateHubError
+from rwkv_state_hub.errors import InvalidDataError, InvalidOptionError, StateHubError
 from rwkv_state_hub.prompt_format import render_chat
 from rwkv_state_hub.tokenizer import get_tokenizer
 
@@ -432,8 +432,26 @@ def test_missing_paths(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert one_line_error(empty).startswith(f"{empty}: no data files in this folder")
-    with pytest.raises(StateHubError, match="no data files given"):
+    with pytest.raises(InvalidOptionError, match=r"no data given \(data: files, folders or a list of records\)"):
         load_dataset([], BYTES, ctx_len=8)
+
+
+def test_records_read_exactly_as_the_same_jsonl_lines(tmp_path):
+    """A notebook's list of dicts gives the very samples (tokens, masks, truncation) the same lines of a
+    .jsonl file give, and a bad record is named by its index."""
+    records = [{"text": "plain text"}, {"prompt": "Q?", "response": "A."},
+               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 20}]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    from_file, from_records = load_dataset(path, BYTES, ctx_len=64), load_dataset(records, BYTES, ctx_len=64)
+    assert [(s.tokens, s.mask) for s in from_records] == [(s.tokens, s.mask) for s in from_file]
+    assert from_records.n_truncated == from_file.n_truncated == 1
+    assert len(from_records.sha256) == 64 and from_records.sha256 == load_dataset(records, BYTES, 64).sha256
+    assert from_records.sha256 != load_dataset(records[:2], BYTES, 64).sha256
+    with pytest.raises(InvalidDataError, match=r"^data\[1\]: \"response\" is empty"):
+        load_dataset([records[0], {"prompt": "Q?", "response": ""}], BYTES, ctx_len=64)
+    with pytest.raises(InvalidOptionError, match="expected paths or a list of dicts, found a int"):
+        load_dataset([path, 3], BYTES, ctx_len=64)
 
 
 def test_binidx_errors(tmp_path):
@@ -456,4 +474,4 @@ def test_binidx_errors(tmp_path):
 
 def test_ctx_len_must_be_positive(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
-    assert one_line_error(path, ctx_len=0) == "ctx_len must be at least 1, got 0"
+    assert one_line_error(path, ctx_len=0) == "ctx_len=0: must be at least 1"

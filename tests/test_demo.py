@@ -17,10 +17,10 @@ import pytest
 import torch
 from conftest import ALICE, REPO, random_state_like, real_model_path
 
-from rwkv_state_hub import State, load_state, push, read_spec, save_native
+from rwkv_state_hub import State, load_state, push, read_spec
 from rwkv_state_hub.chat import Conversation, PipRunner, side_by_side
 from rwkv_state_hub.errors import StateHubError
-from rwkv_state_hub.formats import detect_format, save_pth
+from rwkv_state_hub.formats import detect_format, save_native, save_pth
 from rwkv_state_hub.generate import DEFAULT_SAMPLING, LIMITS, Sampler, Sampling, generate
 from rwkv_state_hub.pip_bridge import load_pip_model, pip_state, state_from_pip
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
@@ -465,7 +465,27 @@ def test_app_py_and_the_cli_serve_the_same_page(tmp_path):
     finally:
         for p in procs:
             p.terminate()
-            p.wait(30)
+    app_says, cli_says = (p.communicate(timeout=30)[0] for p in procs)
+    # each says how to share the page in its own words: Python's for app.py, the flag for the command line
+    assert "pass share=True" in app_says and "--share" not in app_says, app_says
+    assert "pass --share" in cli_says and "share=True" not in cli_says, cli_says
+
+
+def test_launch_message_speaks_the_callers_words():
+    """Gradio would tell a command-line user to "set share=True in launch()": the page says it as the caller
+    types it, `--share` once the command line asked for flags (errors.speak_cli), `share=True` otherwise."""
+    from rwkv_state_hub.demo.page import launch_message
+    from rwkv_state_hub.errors import speak_cli
+
+    url = "http://127.0.0.1:7860/"
+    assert launch_message(url, shared=False).splitlines() == [f"* Running on local URL:  {url}",
+                                                              "* To create a public link, pass share=True"]
+    assert launch_message(url, shared=True) == f"* Running on local URL:  {url}"
+    speak_cli()
+    try:
+        assert launch_message(url, shared=False).endswith("pass --share")
+    finally:
+        speak_cli(False)
 
 
 def test_cli_demo_refuses_a_missing_state_folder(tmp_path):

@@ -21,8 +21,8 @@ import torch
 from conftest import ALICE, REPO, random_state_like
 from hub_server import copy_repo
 
-from rwkv_state_hub import State, push, read_spec, save_native
-from rwkv_state_hub.formats import save_pth
+from rwkv_state_hub import State, push, read_spec
+from rwkv_state_hub.formats import save_native, save_pth
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 pytestmark = [  # Gradio's queue still uses pandas options that pandas 3 deprecates: not ours to fix
@@ -148,7 +148,8 @@ def _rendered(markdown: str) -> str:
 def test_describe_state_shows_a_strangers_metadata_as_text():
     """Metadata is shown as the text it is: no tag, link, image or LaTeX from a file becomes markup, and
     values of any JSON type are shown, never a crash."""
-    from rwkv_state_hub.demo import Offered, _md, describe_state
+    from rwkv_state_hub.demo import Offered, describe_state
+    from rwkv_state_hub.demo.render import md
 
     payload = " ".join(PAYLOADS)
     meta = {"arch": ["v5.2"], "base_model_name": payload, "base_model_sha256": "<b>sha</b>",
@@ -161,7 +162,7 @@ def test_describe_state_shows_a_strangers_metadata_as_text():
         assert tag not in html, (tag, html)
     assert "$$" not in describe_state(offered)  # LaTeX delimiters are escaped (and LaTeX is off on the page)
     assert "&lt;img src=x onerror=&quot;document.title='pwned-img'&quot;&gt;" in html  # shown, as text
-    assert _rendered(_md("a < b & [c](d) *e*")) == "<p>a &lt; b &amp; [c](d) *e*</p>\n"
+    assert _rendered(md("a < b & [c](d) *e*")) == "<p>a &lt; b &amp; [c](d) *e*</p>\n"
     for odd in ({"training": ["not", "a", "dict"]}, {"training": {"data_files": 3, "steps": None}}, {}):
         describe_state(Offered(State(torch.zeros(2, 1, 4, 4), None, odd), "a local file"))
 
@@ -264,7 +265,8 @@ def test_uploads_are_deleted_once_read_or_refused(tmp_path):
     from gradio.utils import get_upload_folder
     from gradio_client import Client, handle_file
 
-    from rwkv_state_hub.demo import _discard_upload, create_demo, launch_demo
+    from rwkv_state_hub.demo import create_demo, launch_demo
+    from rwkv_state_hub.demo.page import _discard_upload
 
     tag = os.urandom(4).hex()
     too_big, junk, good = (tmp_path / f"{kind}-{tag}.pth" for kind in ("too-big", "junk", "good"))

@@ -15,7 +15,7 @@ from rwkv_state_hub.data import load_dataset
 from rwkv_state_hub.evaluate import compare, evaluate
 from rwkv_state_hub.generate import generate, sample_token
 from rwkv_state_hub.tokenizer import get_tokenizer
-from rwkv_state_hub.train import TrainConfig, train
+from rwkv_state_hub.training import TrainConfig, train
 
 MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
 TRAIN = REPO / "examples" / "data" / "train.jsonl"

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import rwkv_state_hub.formats as formats
-from rwkv_state_hub import State, StateHubError, detect_format, export_state, load_model, load_state, read_spec
+from rwkv_state_hub import State, StateHubError, export_state, load_model, load_state, read_spec
+from rwkv_state_hub.errors import InvalidOptionError
+from rwkv_state_hub.formats import detect_format, format_notes
 
 TOL = 1e-4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,7 +34,8 @@ ROUND_TRIPS = [
     ("pth", "fp32", torch.float32, "pth"),
     ("pth", "bf16", torch.bfloat16, "pth"),
     ("pth", "fp16", torch.float16, "pth"),
-    ("ai00", "fp32", torch.float16, "ai00"),
+    ("ai00", "fp16", torch.float16, "ai00"),
+    ("ai00", None, torch.float16, "ai00"),
 ]
 MERGEABLE = ["v5.2", "v6"]
 TRAINING = {"lr_init": 1.0, "steps": 12, "data": {"name": "qa.jsonl", "sha256": "00" * 32}, "loss": [2.5, 2.25]}
@@ -76,7 +80,8 @@ def test_round_trip(random_models, tmp_path, arch, fmt, dtype, through, detected
     state = random_state_like(spec, seed=1, full=full)
     state.metadata["training"] = TRAINING
     path = tmp_path / "state.out"
-    notes = export_state(state, path, fmt, dtype=dtype)
+    assert export_state(state, path, fmt, dtype=dtype) == path
+    notes = format_notes(state, fmt)
     back = load_state(path)
     assert detect_format(path) == detected
     assert back.wkv.dtype == torch.float32 and back.wkv.shape == state.wkv.shape
@@ -110,7 +115,8 @@ def test_merged_round_trip(random_models, tmp_path, arch, full):
     spec = spec_of(random_models, arch)
     state = random_state_like(spec, seed=2, full=full)
     path = tmp_path / "merged.pth"
-    notes = export_state(state, path, "merged", base_model=random_models[arch])
+    assert export_state(state, path, "merged", base_model=random_models[arch]) == path
+    notes = format_notes(state, "merged")
     assert detect_format(path) == "merged"
     back = load_state(path)
     assert torch.equal(back.wkv, state.wkv)
@@ -283,7 +289,7 @@ def test_merged_model_in_pip_equals_ours_from_the_state(random_models, tmp_path,
 def test_no_merged_export_for_v7(random_models, tmp_path):
     spec = spec_of(random_models, "v7")
     path = tmp_path / "merged.pth"
-    with pytest.raises(StateHubError, match="pip_state") as e:
+    with pytest.raises(InvalidOptionError, match=re.escape(formats.PIP_V7_ADVICE)) as e:
         export_state(random_state_like(spec), path, "merged", base_model=random_models["v7"])
     assert "\n" not in str(e.value)
     assert not path.exists() and os.listdir(tmp_path) == []
@@ -306,7 +312,7 @@ def test_force_never_merges_a_state_of_the_wrong_shape(random_models, tmp_path):
     assert not path.exists()
 
 
-@pytest.mark.parametrize("fmt,dtype", [("ai00", "fp32"), ("pth", "fp16")])
+@pytest.mark.parametrize("fmt,dtype", [("ai00", None), ("pth", "fp16")])
 def test_f16_export_refuses_values_out_of_range(random_models, tmp_path, fmt, dtype):
     spec = spec_of(random_models, "v6")
     state = random_state_like(spec, seed=18)
@@ -329,13 +335,31 @@ def test_non_finite_states_are_not_exported(random_models, tmp_path):
 
 def test_export_argument_errors(random_models, tmp_path):
     state = random_state_like(spec_of(random_models, "v6"))
-    with pytest.raises(StateHubError, match="bf16"):
+    with pytest.raises(InvalidOptionError, match="bf16"):
         export_state(state, tmp_path / "a.pth", "pth", dtype="fp64")
-    with pytest.raises(StateHubError, match="base model"):
+    with pytest.raises(InvalidOptionError, match="base model"):
         export_state(state, tmp_path / "b.pth", "merged")
-    with pytest.raises(StateHubError, match="ai00"):
+    with pytest.raises(InvalidOptionError, match="^fmt='gguf': unknown format.*ai00"):
         export_state(state, tmp_path / "c.gguf", "gguf")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt,dtype", [("ai00", "bf16"), ("ai00", "fp32"), ("safetensors", "fp16"),
+                                       ("merged", "bf16")])
+def test_a_dtype_the_format_cannot_hold_is_refused_not_changed(random_models, tmp_path, fmt, dtype):
+    """Ai00 reads F16 only, our file and a merged model keep fp32: any other dtype asked for is an error."""
+    state = random_state_like(spec_of(random_models, "v6"))
+    with pytest.raises(InvalidOptionError, match=f"^dtype='{dtype}': the {fmt} format holds fp(16|32) only"):
+        export_state(state, tmp_path / "s.out", fmt, dtype=dtype, base_model=random_models["v6"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_native_is_the_old_name_of_safetensors(random_models, tmp_path):
+    state = random_state_like(spec_of(random_models, "v6"), full=True)
+    assert formats.canonical_format("native") == "safetensors"
+    assert export_state(state, tmp_path / "s.safetensors", "native") == tmp_path / "s.safetensors"
+    assert format_notes(state, "native") == []  # nothing left behind: our format
+    assert detect_format(tmp_path / "s.safetensors") == "safetensors"
 
 
 # ---------------------------------------------------------------- bad files
@@ -521,6 +545,6 @@ def test_state_dataclass_survives_export(random_models, tmp_path):
     state = random_state_like(spec, seed=16, full=True)
     wkv, shift, meta = state.wkv.clone(), state.shift.clone(), dict(state.metadata)
     for fmt in ("safetensors", "pth", "ai00", "merged"):
-        export_state(state, tmp_path / f"s.{fmt}", fmt, dtype="fp32", base_model=random_models["v6"])
+        export_state(state, tmp_path / f"s.{fmt}", fmt, base_model=random_models["v6"])
     assert isinstance(state, State)
     assert torch.equal(state.wkv, wkv) and torch.equal(state.shift, shift) and state.metadata == meta

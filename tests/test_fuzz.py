@@ -57,7 +57,7 @@ from rwkv_state_hub.formats import MAGIC, export_state
 from rwkv_state_hub.hub_card import read_manifest
 from rwkv_state_hub.info import describe
 from rwkv_state_hub.tokenizer import get_tokenizer
-from rwkv_state_hub.train import TrainConfig
+from rwkv_state_hub.training import TrainConfig
 
 _QUIET = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
           HealthCheck.large_base_example, HealthCheck.filter_too_much]

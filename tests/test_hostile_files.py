@@ -22,8 +22,8 @@ from conftest import random_state_like
 from safetensors.torch import save_file
 
 import rwkv_state_hub.checkpoint as checkpoint
-from rwkv_state_hub import State, StateHubError, detect_format, export_state, load_state, read_spec
-from rwkv_state_hub.formats import MAGIC, save_ai00, save_merged, save_native, save_pth
+from rwkv_state_hub import State, StateHubError, export_state, load_state, read_spec
+from rwkv_state_hub.formats import MAGIC, detect_format, save_ai00, save_merged, save_native, save_pth
 from rwkv_state_hub.hub_card import MANIFEST_FORMAT, read_manifest
 from rwkv_state_hub.info import describe
 

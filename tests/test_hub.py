@@ -18,9 +18,10 @@ from hub_server import HubServer
 from huggingface_hub import constants
 from PIL import Image
 
-from rwkv_state_hub import State, StateHubError, load_state, pull, push, read_spec, save_native, search
+from rwkv_state_hub import State, StateHubError, load_state, pull, push, read_spec, search
 from rwkv_state_hub.cli import cli
 from rwkv_state_hub.files import sha256_file
+from rwkv_state_hub.formats import save_native
 from rwkv_state_hub.hub import is_repo_id, model_card, model_identity, pull_state, resolve_model
 from rwkv_state_hub.hub_card import MANIFEST, hash_tag
 
@@ -133,7 +134,7 @@ def test_push_with_a_hub_model_records_its_repo(hub, state_file, spec):
     assert manifest["base_model"] == {"sha256": spec.sha256, "name": V5_MODEL.stem, "size": V5_MODEL.stat().st_size,
                                       "repo": BASE_REPO, "file": V5_MODEL.name}
     assert f"base_model: {BASE_REPO}\n" in files["README.md"].decode()
-    with pytest.raises(StateHubError, match="no pth file in this repo \\(it has: native\\)"):
+    with pytest.raises(StateHubError, match="no pth file in this repo \\(it has: safetensors\\)"):
         pull(repo, HF_V5, fmt="pth")
     relabelled = load_state(pull(repo))  # the native file now records where its base model lives
     assert (relabelled.metadata["base_model_repo"], relabelled.metadata["base_model_file"]) == (BASE_REPO,

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from conftest import REPO
 
 from rwkv_state_hub import StateHubError
+from rwkv_state_hub import loss as loss_module
 from rwkv_state_hub.checkpoint import read_checkpoint
 from rwkv_state_hub.data import Batch
-from rwkv_state_hub.evaluate import batch_loss
+from rwkv_state_hub.errors import speak_cli
+from rwkv_state_hub.loss import batch_loss, head_loss
 from rwkv_state_hub.model import LearnedState, build_model, common, load_model
 from rwkv_state_hub.model.memory import plan_recompute, rss_bytes, saved_bytes_per_token
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
@@ -27,7 +29,7 @@ def full_logits_loss(hidden, head, targets, weight):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype):
-    monkeypatch.setattr(common, "HEAD_CHUNK_BYTES", 16 * 500 * 4)  # 16 rows a chunk: 38 chunks, the last short
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_BYTES", 16 * 500 * 4)  # 16 rows a chunk: 38 chunks, the last short
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(48, 500, bias=False).requires_grad_(False)
     head.weight.data = (torch.randn(500, 48, generator=g) / 7).to(dtype)
@@ -35,7 +37,8 @@ def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype):
     targets = torch.randint(0, 500, (2, 301), generator=g)
     weight = (torch.rand(2, 301, generator=g) > 0.3).float()
     weight[1, 250:] = 0  # padding
-    ours = common.head_loss(hidden, head, targets, weight)
+    ours, correct = head_loss(hidden, head, targets, weight)
+    assert correct is None  # a gradient is wanted: no accuracy
     (g_ours,) = torch.autograd.grad(ours * 0.37, hidden)
     ref = full_logits_loss(hidden, head.weight, targets, weight)
     (g_ref,) = torch.autograd.grad(ref * 0.37, hidden)
@@ -56,7 +59,9 @@ def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype):
 def test_head_loss_refuses_a_trainable_head():
     head = torch.nn.Linear(4, 8, bias=False)
     with pytest.raises(ValueError, match="frozen"):
-        common.head_loss(torch.randn(1, 2, 4), head, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
+        head_loss(torch.randn(1, 2, 4, requires_grad=True), head, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
+    with torch.no_grad():  # without a gradient (evaluation) any head will do
+        head_loss(torch.randn(1, 2, 4), head, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
 
 
 def batch_of(spec, T: int, seed: int = 0, pad: int = 0) -> Batch:
@@ -182,24 +187,27 @@ def test_bench_one_config_on_a_small_model(tmp_path):
 
 
 def test_train_rejects_a_non_positive_memory_budget(tmp_path):
-    from rwkv_state_hub.train import TrainConfig, _recompute_for_budget, train
+    from rwkv_state_hub.training import TrainConfig, train
+    from rwkv_state_hub.training.loop import recompute_layers
 
+    speak_cli(False)  # Python's words: memory_budget=0
+    cpu = torch.device("cpu")
     model = load_model(REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth")
-    cfg = TrainConfig(model="m", data=["d"], memory_budget=0)
-    with pytest.raises(StateHubError, match="--memory-budget 0"):
-        _recompute_for_budget(model, cfg)
+    with pytest.raises(StateHubError, match="memory_budget=0: must be greater than 0"):
+        recompute_layers(model, TrainConfig(memory_budget=0), cpu)
     # refused before anything is loaded ("m" does not exist), even where the budget would go unused
-    with pytest.raises(StateHubError, match="--memory-budget -1"):
+    with pytest.raises(StateHubError, match="memory_budget=-1"):
         train(TrainConfig(model="m", data=["d"], out=str(tmp_path), memory_budget=-1, grad_checkpoint=True),
               progress=False)
-    assert _recompute_for_budget(model, TrainConfig(model="m", data=["d"], memory_budget=1e-3)) == model.spec.n_layer
-    assert _recompute_for_budget(model, TrainConfig(model="m", data=["d"], memory_budget=1e6)) == 0
+    assert recompute_layers(model, TrainConfig(memory_budget=1e-3), cpu) == model.spec.n_layer
+    assert recompute_layers(model, TrainConfig(memory_budget=1e6), cpu) == 0
+    assert recompute_layers(model, TrainConfig(memory_budget=1e6, grad_checkpoint=True), cpu) == model.spec.n_layer
 
 
 def test_training_under_a_tight_memory_budget_learns_the_same_state(tmp_path, monkeypatch):
     from test_train import cfg
 
-    from rwkv_state_hub.train import train
+    from rwkv_state_hub.training import train
 
     recomputed = []  # one entry per block run under checkpointing
 

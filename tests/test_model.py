@@ -183,7 +183,7 @@ def test_half_precision_weights_keep_fp32_state_maths(random_models, dtype):
 def test_batch_gradient_is_the_sum_of_per_sample_gradients(random_models, arch):
     """One learned state broadcast over a ragged batch: its gradient must equal the sum of the
     gradients of each sample run alone (peers got this wrong with batch > 1)."""
-    from rwkv_state_hub import LearnedState
+    from rwkv_state_hub.model import LearnedState
 
     model = load_model(random_models[arch])
     init = random_state_like(model.spec, seed=8, scale=0.3, full=True)
@@ -222,7 +222,8 @@ LEARNING = [
 def test_learning_the_state_of_a_real_model_lowers_its_loss(name, enc, ratio):
     """Adam on the state alone (weights frozen) fits a short text; the saved State reproduces the
     trained logits exactly."""
-    from rwkv_state_hub import LearnedState, State
+    from rwkv_state_hub import State
+    from rwkv_state_hub.model import LearnedState
 
     model = load_model(EXAMPLE_MODEL if name == "bundled-v7" else real_model_path(name))
     text = list("Answer: the sky is green. Answer: the sky is green.".encode(enc))

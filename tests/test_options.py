@@ -14,9 +14,10 @@ import torch
 from click.testing import CliRunner
 from conftest import REPO
 
-from rwkv_state_hub import StateHubError
+from rwkv_state_hub import TrainingDiverged
 from rwkv_state_hub.cli import cli
-from rwkv_state_hub.train import TrainConfig, train
+from rwkv_state_hub.errors import InvalidOptionError, speak_cli
+from rwkv_state_hub.training import TrainConfig, train
 
 MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
 TRAIN = REPO / "examples" / "data" / "train.jsonl"
@@ -74,20 +75,26 @@ def test_a_bad_train_option_is_one_line_before_any_work(tmp_path, small, option,
 
 
 def test_refused_before_the_model_is_read(tmp_path):
-    """The options are checked first: a missing model is not even looked at."""
-    with pytest.raises(StateHubError, match=r"^--micro-bsz 0: must be at least 1$"):
+    """The options are checked first: a missing model is not even looked at. From Python the message names
+    the field as Python writes it (the command line names the flag: see the tests above)."""
+    speak_cli(False)
+    with pytest.raises(InvalidOptionError, match=r"^micro_bsz=0: must be at least 1$"):
         train(TrainConfig(model=str(tmp_path / "missing.pth"), data=["d"], micro_bsz=0), progress=False)
-    with pytest.raises(StateHubError, match=r"^--beta2 1.0: must be less than 1$"):
+    with pytest.raises(InvalidOptionError, match=r"^beta2=1.0: must be less than 1$"):
         TrainConfig(model="m", data=["d"], beta2=1.0).validate()
-    with pytest.raises(StateHubError, match=r"^--data : expected a list of non-empty strings$"):
+    with pytest.raises(InvalidOptionError, match=r"^data=\[''\]: expected a list of non-empty strings$"):
         TrainConfig(model="m", data=[""]).validate()
+    with pytest.raises(InvalidOptionError, match=r"^lr_final=0: must be greater than 0 \(.*small lr_final such"):
+        TrainConfig(lr_final=0).validate()
+    with pytest.raises(InvalidOptionError, match=r"^model is required$"):  # train() needs a model path
+        train(TrainConfig(data=["d"]), progress=False)
 
 
 def test_every_field_has_exactly_one_rule():
-    from rwkv_state_hub.train import _RULES
+    from rwkv_state_hub.training.config import _RULES
 
     assert list(_RULES) == [f.name for f in fields(TrainConfig)]
-    TrainConfig(model="m", data=["d"]).validate()  # the defaults pass their own rules
+    TrainConfig().validate()  # the defaults pass their own rules
 
 
 # ---------------------------------------------------------------- train: a --config file
@@ -202,9 +209,10 @@ def test_a_diverging_run_stops_with_one_line_and_writes_no_state(tmp_path, small
 
 def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path, small, monkeypatch):
     """A NaN loss at step 3: the step-2 checkpoint stays byte for byte, no state or export is written."""
-    from rwkv_state_hub import train as train_module
+    from rwkv_state_hub.training import step as step_module
 
-    real = train_module.batch_loss
+    speak_cli(False)
+    real = step_module.batch_loss
     calls = {"n": 0}
 
     def nan_from_step_3(model, batch, state):
@@ -212,10 +220,11 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path, small, monkeypatch)
         loss, correct = real(model, batch, state)
         return (loss * math.nan if calls["n"] > 2 else loss), correct
 
-    monkeypatch.setattr(train_module, "batch_loss", nan_from_step_3)
+    monkeypatch.setattr(step_module, "batch_loss", nan_from_step_3)
     cfg = TrainConfig(model=str(MODEL), data=[str(small)], out=str(tmp_path / "run"), steps=4, save_every=2,
                       export=["pth"], seed=1)
-    with pytest.raises(StateHubError, match=r"^step 3: the loss is nan; .*checkpoint.pt \(step 2\), is kept"):
+    with pytest.raises(TrainingDiverged, match=r"^step 3: the loss is nan; .*checkpoint.pt \(step 2\), is kept. "
+                                               r"Try a lower lr_init \(now 1\) in a new out$"):
         train(cfg, progress=False)
     out = Path(cfg.out)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["run"]["step"] == 2
@@ -237,8 +246,8 @@ def test_a_state_made_non_finite_by_the_update_stops_the_run(tmp_path, small, mo
 
     monkeypatch.setattr(torch.optim.Adam, "step", overflowing_step)
     cfg = TrainConfig(model=str(MODEL), data=[str(small)], out=str(tmp_path / "run"), steps=2, seed=1)
-    with pytest.raises(StateHubError, match=r"^step 1: after the update the learned state is not finite; .*"
-                                            r"no checkpoint had been written yet"):
+    with pytest.raises(TrainingDiverged, match=r"^step 1: after the update the learned state is not finite; .*"
+                                              r"no checkpoint had been written yet"):
         train(cfg, progress=False)
     assert not (Path(cfg.out) / "checkpoint.pt").exists() and not (Path(cfg.out) / "state.safetensors").exists()
 

@@ -20,8 +20,10 @@ from click.testing import CliRunner
 from conftest import ARCHS, LoopbackPostServer, random_state_like
 from safetensors.torch import save_file
 
-from rwkv_state_hub import State, StateHubError, read_spec, save_native
+from rwkv_state_hub import State, StateHubError, read_spec
 from rwkv_state_hub.cli import cli
+from rwkv_state_hub.errors import ConsumerError, ModelMismatchError
+from rwkv_state_hub.formats import save_native
 from rwkv_state_hub.plugins import ai00
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 
@@ -182,7 +184,7 @@ def test_refuses_a_duplicate_and_writes_nothing(make_ai00, tmp_path, random_mode
     _, again = native(tmp_path / "other", random_models["v6"], seed=1)
     kwargs = {} if clash == "path" else {"name": "my-style"}
     source2 = again if clash == "path" else again.rename(again.with_name("else.safetensors"))
-    with pytest.raises(StateHubError, match="already has a \\[\\[state\\]\\]") as e:
+    with pytest.raises(ConsumerError, match="already has a \\[\\[state\\]\\].*or pass another name$") as e:
         ai00.install(source2, root, **kwargs)
     assert "\n" not in str(e.value) and first.id in str(e.value)
     assert config_text(root) == before and first.path.read_bytes() == st_before
@@ -195,7 +197,8 @@ def test_refuses_a_state_that_does_not_fit_ai00s_model(make_ai00, tmp_path):
     wide = tmp_path / "wide.pth"
     save_checkpoint(random_checkpoint("v6", n_layer=3, n_embd=128, head_size=64, vocab_size=320, seed=5), wide)
     _, source = native(tmp_path, wide)
-    with pytest.raises(StateHubError, match="Ai00's model model-v6.st has 2 layers x 3 heads x 64"):
+    with pytest.raises(ModelMismatchError, match=r"3 layers x 2 heads x 64, but .* has 2 layers x 3 heads x 64 "
+                                                 r"\(Ai00's model is model-v6.st\)$"):
         ai00.install(source, root)
     assert config_text(root) == before and sorted(p.name for p in (root / "assets/models").iterdir()) == ["model-v6.st"]
 
@@ -203,7 +206,7 @@ def test_refuses_a_state_that_does_not_fit_ai00s_model(make_ai00, tmp_path):
 def test_refuses_a_state_of_another_architecture(make_ai00, tmp_path, random_models):
     root = make_ai00("v7")
     _, source = native(tmp_path, random_models["v6"])  # same dims, v6
-    with pytest.raises(StateHubError, match="RWKV v6 model, but Ai00's model model-v7.st is v7"):
+    with pytest.raises(ModelMismatchError, match=r"RWKV v6 model, but .* is v7 \(Ai00's model is model-v7.st\)$"):
         ai00.install(source, root)
 
 
@@ -212,9 +215,9 @@ def test_base_model_sha256_is_checked_with_model(make_ai00, tmp_path, random_mod
     other = tmp_path / "other-v6.pth"
     save_checkpoint(random_checkpoint("v6", n_layer=2, n_embd=192, head_size=64, vocab_size=320, seed=99), other)
     _, source = native(tmp_path, other)
-    with pytest.raises(StateHubError, match="other-v6.*random-v6") as e:
+    with pytest.raises(ModelMismatchError, match="other-v6.*random-v6") as e:
         ai00.install(source, root, model=random_models["v6"])
-    assert "--force" in str(e.value) and not list((root / "assets/models").glob("my-style*"))
+    assert "pass force=True" in str(e.value) and not list((root / "assets/models").glob("my-style*"))
     done = ai00.install(source, root, model=random_models["v6"], force=True)
     assert "other-v6" in done.notes[0]
 
@@ -281,6 +284,8 @@ def test_install_and_chat_commands(make_ai00, tmp_path, random_models):
                                           "--ai00-dir", str(root)])
     assert result.exit_code == 0, result.output
     assert result.output == "Sunny, 21 C.\n" and server.requests[0][2]["state"] == sid
+    again = CliRunner().invoke(cli, ["ai00", "install", str(source), "--ai00-dir", str(root)])
+    assert again.exit_code == 1 and again.output.endswith("or pass another --name\n")  # the flag, on the command line
 
 
 # ---------------------------------------------------------------- chat against a real HTTP server

@@ -17,8 +17,10 @@ from conftest import ARCHS, LoopbackPostServer, random_state_like
 from pip_reference import pip_model
 
 import rwkv_state_hub.files as files
-from rwkv_state_hub import State, StateHubError, export_state, load_model, pip_state, read_spec, save_native
+from rwkv_state_hub import State, StateHubError, export_state, load_model, pip_state, read_spec
 from rwkv_state_hub.cli import cli
+from rwkv_state_hub.errors import ConsumerError, InvalidOptionError, ModelMismatchError
+from rwkv_state_hub.formats import save_native
 from rwkv_state_hub.plugins import rwkv_runner
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 
@@ -145,13 +147,16 @@ def test_refuses_a_state_made_for_another_model(runner_dir, tmp_path):
     save_checkpoint(random_checkpoint("v6", n_layer=2, n_embd=192, head_size=64, vocab_size=320, seed=99), other)
     state = state_for(other)
     source = saved(state, tmp_path / "s.safetensors")
-    with pytest.raises(StateHubError) as e:
+    with pytest.raises(ModelMismatchError) as e:
         rwkv_runner.install(source, runner_dir)
     msg = str(e.value)
     assert "\n" not in msg and "other-v6" in msg and "random-v6.pth" in msg and state.base_model_sha256[:12] in msg
-    with pytest.raises(StateHubError) as e:
+    with pytest.raises(ModelMismatchError) as e:
         rwkv_runner.install(source, runner_dir, model="random-v6")
-    assert "other-v6" in str(e.value) and "random-v6" in str(e.value) and "--force" in str(e.value)
+    assert "other-v6" in str(e.value) and "random-v6" in str(e.value) and "pass force=True" in str(e.value)
+    flags = CliRunner().invoke(cli, ["runner", "install", str(source), "--runner-dir", str(runner_dir), "--model",
+                                     "random-v6"])
+    assert flags.exit_code == 1 and "(pass --force to use it anyway)" in flags.output
     assert not (runner_dir / "state-models").exists()
     forced = rwkv_runner.install(source, runner_dir, model="random-v6.pth", force=True)
     assert any("other-v6" in n for n in forced.notes)
@@ -170,9 +175,8 @@ def test_a_state_without_its_base_model_is_matched_by_shape(runner_dir, tmp_path
     state = state_for(random_models["v6"])
     bare = tmp_path / "peft-state.pth"  # a foreign .pth: no metadata at all
     torch.save({f"blocks.{i}.att.time_state": state.wkv[i].bfloat16() for i in range(2)}, bare)
-    with pytest.raises(StateHubError, match="3 of Runner's models") as e:
+    with pytest.raises(InvalidOptionError, match="3 of Runner's models.*; pass model to name one$"):
         rwkv_runner.install(bare, runner_dir)
-    assert "--model" in str(e.value)
     for p in (runner_dir / "models").glob("random-v[57]*.pth"):
         p.unlink()
     (runner_dir / "models" / "notes.pth").write_bytes(b"not a model")  # skipped, not fatal
@@ -197,13 +201,13 @@ def test_install_replaces_and_keeps_a_custom_models_path(tmp_path, random_models
 def test_install_errors_are_one_line(tmp_path, runner_dir, random_models):
     source = saved(state_for(random_models["v6"]), tmp_path / "s.safetensors")
     cases = [
-        (lambda: rwkv_runner.install(source, tmp_path / "nowhere"), "no such folder"),
-        (lambda: rwkv_runner.install(tmp_path / "missing.pth", runner_dir), "no such file"),
-        (lambda: rwkv_runner.install(source, runner_dir, model="nope"), "--model nope"),
-        (lambda: rwkv_runner.install(source, tmp_path), "no models folder"),
+        (lambda: rwkv_runner.install(source, tmp_path / "nowhere"), ConsumerError, "^runner_dir=.*: no such folder"),
+        (lambda: rwkv_runner.install(tmp_path / "missing.pth", runner_dir), InvalidOptionError, "no such file"),
+        (lambda: rwkv_runner.install(source, runner_dir, model="nope"), InvalidOptionError, "^model='nope': no such"),
+        (lambda: rwkv_runner.install(source, tmp_path), ConsumerError, "no models folder"),
     ]
-    for call, words in cases:
-        with pytest.raises(StateHubError, match=words) as e:
+    for call, error, words in cases:
+        with pytest.raises(error, match=words) as e:
             call()
         assert "\n" not in str(e.value)
 

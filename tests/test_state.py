@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import ARCHS, random_state_like, real_model_path
 
-from rwkv_state_hub import RecurrentState, State, StateHubError, read_spec
+from rwkv_state_hub import State, StateHubError, read_spec
 from rwkv_state_hub.checkpoint import spec_from_state_dict
+from rwkv_state_hub.model import RecurrentState
 from rwkv_state_hub.random_model import random_checkpoint
 
 # the random models: 2 layers x 3 heads x 64, n_embd 192
@@ -166,7 +167,7 @@ def test_other_base_model_is_refused_unless_forced(specs):
                 f"but random-v6 has sha256 {spec.sha256[:12]}")
     assert state.problems(spec) == [expected]
     msg = refusal(state, spec)
-    assert other[:12] in msg and spec.sha256[:12] in msg and "--force" in msg
+    assert other[:12] in msg and spec.sha256[:12] in msg and "(pass force=True to use it anyway)" in msg
     assert state.check(spec, force=True) == [expected]
 
 

@@ -15,7 +15,7 @@ from rwkv_state_hub.evaluate import compare, evaluate, loss_by_position
 from rwkv_state_hub.examples import example_model
 from rwkv_state_hub.model import load_model
 from rwkv_state_hub.tokenizer import get_tokenizer
-from rwkv_state_hub.train import TrainConfig, train
+from rwkv_state_hub.training import TrainConfig, train
 
 DATA = REPO / "examples" / "data"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from tokenizers import Tokenizer as HFTokenizerLib
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rwkv_state_hub.checkpoint import ModelSpec
-from rwkv_state_hub.errors import StateHubError
+from rwkv_state_hub.errors import StateHubError, TokenizerError, speak_cli
 from rwkv_state_hub.tokenizer import get_tokenizer
 
 MIXED = "Hello, world! 你好，世界。 Emoji: 😀🚀 and\ttabs\n\nnew paragraph ÄÖÜ"
@@ -102,10 +103,21 @@ def test_utf16le_round_trip_and_ids():
 def test_auto_choice_from_the_model_vocabulary():
     assert get_tokenizer(None, spec(65536)).name == "world"
     assert get_tokenizer(spec=spec(256)).name == "bytes"
-    with pytest.raises(StateHubError, match=r"tiny-model has a vocabulary of 320 tokens.*--tokenizer"):
+    with pytest.raises(TokenizerError, match=r"tiny-model has a vocabulary of 320 tokens.*; pass tokenizer \("):
         get_tokenizer(None, spec(320))
-    with pytest.raises(StateHubError, match="no tokenizer named and no model"):
+    with pytest.raises(TokenizerError, match="no tokenizer named and no model"):
         get_tokenizer()
+
+
+def test_messages_name_the_flag_on_the_command_line():
+    def as_the_cli(*args):
+        speak_cli()
+        return get_tokenizer(*args)
+
+    with pytest.raises(TokenizerError, match=r"320 tokens.*; pass --tokenizer \("):
+        contextvars.copy_context().run(as_the_cli, None, spec(320))
+    with pytest.raises(TokenizerError, match="^--tokenizer wrold: unknown tokenizer"):
+        contextvars.copy_context().run(as_the_cli, "wrold")
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused():
@@ -116,7 +128,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused():
 
 
 def test_unknown_name():
-    with pytest.raises(StateHubError, match="unknown tokenizer 'wrold'.*world, bytes, utf-16-le"):
+    with pytest.raises(TokenizerError, match="^tokenizer='wrold': unknown tokenizer.*world, bytes, utf-16-le"):
         get_tokenizer("wrold")
 
 

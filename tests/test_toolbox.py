@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from conftest import ARCHS, REPO, random_state_like
 
-from rwkv_state_hub import State, StateHubError, load_model, load_state, read_spec, save_native
+from rwkv_state_hub import State, load_model, load_state, read_spec
+from rwkv_state_hub.errors import InvalidOptionError, ModelMismatchError
+from rwkv_state_hub.files import sha256_file
+from rwkv_state_hub.formats import save_native
 from rwkv_state_hub.generate import generate
 from rwkv_state_hub.pip_bridge import load_pip_model, pip_state
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
@@ -70,19 +74,33 @@ def test_mix(random_models, tmp_path):
     a = random_state_like(spec, seed=1, full=True)
     b = random_state_like(spec, seed=2)
     a.source, b.source = "a.safetensors", "b.safetensors"
-    assert torch.equal(mix([a, b], [1.0, 0.0]).wkv, a.wkv)
-    assert torch.equal(mix([a, b], [1.0, 0.0]).shift, a.shift)
-    m = mix([a, b], [0.7, 0.3])
+    full = random_state_like(spec, seed=4, full=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # two full states: nothing to warn of
+        assert torch.equal(mix([a, full], [1.0, 0.0]).shift, a.shift)
+    with pytest.warns(UserWarning, match=r"^b.safetensors has no token-shift state.*is 0.7 x a.safetensors's alone"):
+        m = mix([a, b], [0.7, 0.3])
     assert torch.allclose(m.wkv, 0.7 * a.wkv + 0.3 * b.wkv)
     assert torch.allclose(m.shift, 0.7 * a.shift)  # b has no token shift: a zero one
     assert m.base_model_sha256 == spec.sha256
-    assert [p["weight"] for p in m.metadata["training"]["parents"]] == [0.7, 0.3]
+    assert [(p["weight"], p["sha256"]) for p in m.metadata["training"]["parents"]] == [(0.7, None), (0.3, None)]
     other = random_state_like(spec, seed=3)
     other.metadata["base_model_sha256"] = "f" * 64
-    with pytest.raises(StateHubError, match="different base models"):
+    with pytest.raises(ModelMismatchError, match="different base models"):
         mix([a, other], [0.5, 0.5])
-    with pytest.raises(StateHubError, match="not the same model"):
+    with pytest.raises(ModelMismatchError, match="not the same model"):
         mix([a, State(torch.zeros(2, 2, 64, 64))], [0.5, 0.5])
+    with pytest.raises(InvalidOptionError, match=r"^weights=\[1e\+38, 1e\+38\]: the wkv state overflows"):
+        mix([full, full], [1e38, 1e38])
+
+
+def test_mix_records_each_parent_file(random_models, tmp_path):
+    spec = read_spec(random_models["v6"])
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for i, path in enumerate(paths):
+        save_native(random_state_like(spec, seed=i), path)
+    parents = mix([load_state(p) for p in paths], [0.5, 0.5]).metadata["training"]["parents"]
+    assert [(p["file"], p["sha256"]) for p in parents] == [(p.name, sha256_file(p)) for p in paths]
 
 
 def test_diff(random_models):
@@ -145,7 +163,7 @@ def test_mix_of_two_styles_is_evaluated_on_both_held_out_sets(tmp_path):
 
     from rwkv_state_hub.data import load_dataset
     from rwkv_state_hub.evaluate import evaluate
-    from rwkv_state_hub.train import TrainConfig, train
+    from rwkv_state_hub.training import TrainConfig, train
 
     model_path = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
     data = REPO / "examples" / "data"

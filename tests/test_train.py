@@ -16,11 +16,14 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, real_model_path
 
-from rwkv_state_hub import StateHubError, load_model, load_state
+from rwkv_state_hub import OutputExistsError, StateHubError, load_model, load_state
 from rwkv_state_hub.data import collate, load_dataset
-from rwkv_state_hub.evaluate import batch_loss, evaluate
+from rwkv_state_hub.errors import speak_cli
+from rwkv_state_hub.evaluate import evaluate
+from rwkv_state_hub.loss import batch_loss
 from rwkv_state_hub.tokenizer import get_tokenizer
-from rwkv_state_hub.train import TrainConfig, global_batch_indices, lr_at, train
+from rwkv_state_hub.training import TrainConfig, dry_run, lr_at, summary, train
+from rwkv_state_hub.training.step import global_batch_indices
 
 MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
 TRAIN = REPO / "examples" / "data" / "train.jsonl"
@@ -127,6 +130,7 @@ def test_outputs_and_metadata(tmp_path):
 
 @pytest.mark.slow
 def test_config_file_and_refusals(tmp_path):
+    speak_cli(False)  # the library's words: resume=True, not --resume
     c = cfg(tmp_path)
     train(c, progress=False)
     out = Path(c.out)
@@ -135,21 +139,26 @@ def test_config_file_and_refusals(tmp_path):
                        text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     # a second run into the same folder without --resume is refused, with the way out
-    with pytest.raises(StateHubError, match="--resume"):
+    with pytest.raises(OutputExistsError, match="resume=True"):
         train(c, progress=False)
     with pytest.raises(StateHubError, match="micro_bsz"):
         train(cfg(tmp_path, micro_bsz=1), resume=True, progress=False)
-    for bad, words in ((dict(lr_final=0.0), "lr-final"), (dict(steps=0), "--steps 0")):
+    for bad, words in ((dict(lr_final=0.0), "lr_final=0.0"), (dict(steps=0), "steps=0")):
         with pytest.raises(StateHubError, match=words):
             train(cfg(tmp_path, out=str(tmp_path / "new"), **bad), progress=False)
     assert TrainConfig.from_dict({"model": "m", "data": "d", "export": "pth,ai00"}).export == ["pth", "ai00"]
-    with pytest.raises(StateHubError, match="--export gguf"):  # refused before any training
+    with pytest.raises(StateHubError, match=r"export=\['gguf'\]"):  # refused before any training
         train(cfg(tmp_path, out=str(tmp_path / "new"), export=["gguf"]), progress=False)
     assert not (tmp_path / "new").exists()
     bad = tmp_path / "bad.toml"
     bad.write_text('model = "m"\ndata = ["d"]\nlearning_rate = 3\n')
     r = subprocess.run([*CLI, "train", "--config", str(bad)], capture_output=True, text=True, env=ENV)
     assert r.returncode == 1 and "learning_rate" in r.stderr and "Traceback" not in r.stderr
+
+
+def rendered_sample(description: str) -> str:
+    """The dry run's sample text: everything after its eight lines of facts."""
+    return description.split("\n", 8)[8]
 
 
 def test_dry_run_trains_nothing(tmp_path):
@@ -159,6 +168,38 @@ def test_dry_run_trains_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "24 samples" in r.stdout and "memory" in r.stdout and "WEATHER" in r.stdout
     assert not (tmp_path / "o").exists()
+    # stdout is a pipe, not a terminal: the trained tokens are marked with brackets, not colour
+    assert "\x1b[" not in r.stdout and "between [[ and ]]" in r.stdout and "[[" in rendered_sample(r.stdout)
+    assert "steps      24 (1 epochs x 24 samples / 1 per step)" in r.stdout
+    assert "tokens/s on this machine" in r.stdout
+
+
+def test_dry_run_marks_trained_tokens_and_estimates_the_time(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"prompt": "Where?", "response": "Here."}) + "\n")
+    c = TrainConfig(model=str(MODEL), data=[str(path)], out=str(tmp_path / "o"), steps=300)
+    plain = dry_run(c, color=False)
+    sample = rendered_sample(plain)
+    assert sample.count("[[") == sample.count("]]") == 1 and "[[ Here.\n\n]]" in sample  # only the answer
+    assert "User: Where?" in sample.split("[[")[0]
+    assert "steps      300 (set by steps)" in plain
+    minutes = [line for line in plain.splitlines() if line.startswith("time ")][0]
+    assert "tokens/s on this machine" in minutes and "one step measured" in minutes
+    coloured = rendered_sample(dry_run(c, color=True))
+    assert "\x1b[1;32m Here.\n\n\x1b[0m" in coloured and "[[" not in coloured
+    assert not (tmp_path / "o").exists()
+
+
+def test_summary_lists_written_exports_and_suggests_only_the_others(tmp_path):
+    c = cfg(tmp_path, steps=1, export=["pth"])
+    result = train(c, progress=False)
+    text = summary(result, c)
+    out = Path(c.out)
+    assert f"export:   {out / 'state.pth'}" in text
+    suggested = [line for line in text.splitlines() if "rwkv-state export" in line]
+    assert len(suggested) == 1 and "--format ai00" in suggested[0]  # pth is written already
+    assert "RWKV.from_pretrained(" in text and f"State.from_pretrained({str(out / 'state.safetensors')!r})" in text
+    assert "Done: 1 steps" in text
 
 
 def test_bf16_weights_and_grad_checkpointing(tmp_path):
@@ -217,7 +258,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 
 def test_a_torn_metrics_line_loses_only_itself(tmp_path):
-    from rwkv_state_hub.train import _read_metrics
+    from rwkv_state_hub.training.checkpointing import read_metrics as _read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.9}\n{"step": 3, "lo')
     assert [m["step"] for m in _read_metrics(tmp_path)] == [1, 2]
@@ -284,21 +325,20 @@ def test_state_encoder_trains_and_saves_a_plain_state(tmp_path):
 
 
 def test_chunked_head_and_loss_equal_the_whole_sequence_at_once(monkeypatch):
-    """batch_loss computes the head and the loss a chunk of positions at a time (training: fused, the state
-    gradient worked out with the loss; evaluation: under HEAD_BUDGET); the loss, the accuracy and the state
-    gradient must equal those from full logits."""
-    import rwkv_state_hub.evaluate as ev
-    from rwkv_state_hub.model import common
+    """batch_loss computes the head and the loss a chunk of positions at a time (training: the state gradient
+    worked out with the loss; evaluation: the accuracy too); the loss, the accuracy and the state gradient
+    must equal those from full logits."""
+    from rwkv_state_hub import loss as loss_module
+    from rwkv_state_hub.model import RecurrentState
 
     model = load_model(MODEL)
     data = load_dataset(TRAIN, get_tokenizer("bytes"), 512)
     batch = collate([data[i] for i in range(3)])
-    monkeypatch.setattr(ev, "HEAD_BUDGET", 3 * 256 * 4 * 16)  # 16 positions a chunk: several on ~60 bytes
-    monkeypatch.setattr(common, "HEAD_CHUNK_BYTES", 16 * 256 * 4)  # the fused training loss: 16 rows a chunk
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_BYTES", 16 * 256 * 4)  # 16 rows a chunk: several on ~60 bytes
     results = []
     for chunked in (True, False):
         wkv = torch.zeros(model.spec.state_shape())[None].requires_grad_()
-        rs = ev.RecurrentState(wkv, torch.zeros(1, model.spec.n_layer, 64), torch.zeros(1, model.spec.n_layer, 64))
+        rs = RecurrentState(wkv, torch.zeros(1, model.spec.n_layer, 64), torch.zeros(1, model.spec.n_layer, 64))
         if chunked:
             loss, _ = batch_loss(model, batch, rs)
             with torch.no_grad():

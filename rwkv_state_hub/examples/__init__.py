@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import StateHubError
+from ..errors import InvalidOptionError
 
 HERE = Path(__file__).resolve().parent
 # the bundled states (states/) are trained for this model, so a demo with no arguments has something to show
@@ -21,7 +21,7 @@ def example_model(name: str | None = None) -> Path:
     path = HERE / "models" / (file if file.endswith(".pth") else f"{file}.pth")
     if Path(file).name != file or not path.is_file():
         bundled = ", ".join(sorted(p.name for p in (HERE / "models").glob("*.pth"))) or "none"
-        raise StateHubError(f"{name}: no such bundled example model (bundled: {bundled})")
+        raise InvalidOptionError(f"{name}: no such bundled example model (bundled: {bundled})")
     return path
 
 

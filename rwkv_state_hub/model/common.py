@@ -8,6 +8,7 @@ the residual stream and all the state maths, runs in the compute dtype: fp32 (fp
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -159,48 +160,6 @@ def head_norm(y: Tensor, ln_x: nn.GroupNorm) -> Tensor:
     return out.view(B, T, H * N)
 
 
-HEAD_CHUNK_BYTES = 32 << 20  # fp32 logits alive at once in `head_loss` (512 positions of a 16k vocab)
-
-
-class _FrozenHeadLoss(torch.autograd.Function):
-    """Sum of weighted cross-entropy through a frozen head, with d loss / d hidden worked out during the
-    forward pass, a chunk of rows at a time: full-vocabulary logits never exist for the whole sequence,
-    nothing of the size of the logits is kept for backward, and the head runs once (no recompute)."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, head: Tensor, targets: Tensor, weight: Tensor, rows: int) -> Tensor:
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        targets, weight = targets.reshape(-1), weight.reshape(-1).to(hidden.dtype)
-        grad = torch.empty_like(flat)
-        total = flat.new_zeros(())
-        for s in range(0, flat.shape[0], rows):
-            h, t, wt = flat[s : s + rows], targets[s : s + rows, None], weight[s : s + rows, None]
-            logits = F.linear(h.to(head.dtype), head).to(h.dtype)             # [rows, V]
-            lse = logits.logsumexp(-1, keepdim=True)
-            total += ((lse - logits.gather(1, t)) * wt).sum()
-            probs = logits.sub_(lse).exp_()                                   # softmax, in place
-            probs.scatter_add_(1, t, torch.full_like(wt, -1.0)).mul_(wt)      # d loss / d logits
-            grad[s : s + rows] = (probs.to(head.dtype) @ head).to(h.dtype)
-        ctx.save_for_backward(grad)
-        ctx.shape = hidden.shape
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total: Tensor):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_total).view(ctx.shape), None, None, None, None
-
-
-def head_loss(hidden: Tensor, head: nn.Linear, targets: Tensor, weight: Tensor) -> Tensor:
-    """sum(cross_entropy(head(hidden), targets) * weight) for training a state: the head is frozen, so
-    only the gradient to `hidden` is needed, and it is computed with the loss (see _FrozenHeadLoss).
-    hidden [B, T, C]; targets [B, T] (valid token ids everywhere, 0 at padding); weight [B, T]."""
-    if head.weight.requires_grad:
-        raise ValueError("head_loss is for a frozen head; this head requires a gradient")
-    rows = max(16, HEAD_CHUNK_BYTES // (head.weight.shape[0] * 4))
-    return _FrozenHeadLoss.apply(hidden, head.weight, targets, weight, rows)
-
-
 def neutral_where_padded(mask: Tensor | None, k: Tensor, v: Tensor, log_w: Tensor, *extra: Tensor):
     """At padding positions, make the recurrence an identity: k = v = 0, decay 1 (and v7's a = b = 0)."""
     if mask is None:
@@ -297,3 +256,60 @@ class RWKV(nn.Module):
         tokens = torch.as_tensor(token, device=self.emb.weight.device).reshape(-1, 1)
         logits, state = self(tokens, state)
         return logits[:, -1], state
+
+    # ------------------------------------------------------------ the notebook API: load, generate, evaluate
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", token: str | None = None) -> RWKV:
+        """A frozen model from a BlinkDL `.pth` checkpoint: a local path, or hf://owner/repo/file.pth (downloaded
+        through huggingface_hub's cache). Read safely (weights only, memory-mapped); `dtype` for the matrices
+        (default: as stored)."""
+        from ..hub import resolve_model
+        from . import load_model
+
+        return load_model(resolve_model(model, token=token), dtype=dtype, device=device)
+
+    @property
+    def tokenizer(self):
+        """The tokenizer that fits this model (World for a 65536 vocabulary, bytes for 256); set it to change."""
+        if getattr(self, "_tokenizer", None) is None:
+            from ..tokenizer import get_tokenizer
+
+            self._tokenizer = get_tokenizer(None, self.spec)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer = value
+
+    def _recurrent(self, state, force: bool) -> RecurrentState | None:
+        """A State (checked against this model: ModelMismatchError unless it fits) or a RecurrentState."""
+        from ..state import State
+
+        if isinstance(state, State):
+            state.check(self.spec, force=force)
+            return state.to_recurrent(device=self.emb.weight.device)
+        return state
+
+    def generate(self, prompt: str, *, state=None, max_tokens: int | None = None, force: bool = False,
+                 sampling=None, **changes: float) -> str:
+        """Continue `prompt` from `state` (a State, a RecurrentState, or None for the zero state) with the one
+        sampler of `rwkv-state generate` (same defaults, same seed, same text). Any sampling setting can be
+        changed by name: generate(..., temperature=0, seed=1)."""
+        from ..generate import DEFAULT_SAMPLING, generate
+
+        if max_tokens is not None:
+            changes["max_tokens"] = max_tokens
+        return generate(self, self.tokenizer, prompt, self._recurrent(state, force), sampling or DEFAULT_SAMPLING,
+                        **changes)
+
+    def evaluate(self, data, *, state=None, ctx_len: int = 512, batch_size: int = 8, force: bool = False):
+        """Mean loss (nats per token) and next-token accuracy over the trained tokens of `data` (paths, or a list
+        of records as a .jsonl line holds them), starting each sample from `state`; returns an EvalResult."""
+        from ..data import load_dataset
+        from ..evaluate import evaluate
+
+        samples = load_dataset(data, self.tokenizer, ctx_len, self.spec.vocab_size)
+        return evaluate(self, samples, self._recurrent(state, force), batch_size=batch_size,
+                        device=self.emb.weight.device)

@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from .common import HEAD_CHUNK_BYTES, RWKV, RecurrentState
+from ..loss import HEAD_CHUNK_BYTES
+from .common import RWKV, RecurrentState
 
 PROBE_TOKENS = 32
 # What a step's peak adds beyond what the blocks save, in units of one block's saved activations, measured

@@ -11,14 +11,14 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from rwkv_state_hub import hub
-from rwkv_state_hub.checkpoint import ModelSpec
-from rwkv_state_hub.errors import StateHubError
-from rwkv_state_hub.formats import load_state
-from rwkv_state_hub.state import State
+from rwkv_state_hub.errors import ConsumerError, InvalidOptionError
+
+if TYPE_CHECKING:
+    from rwkv_state_hub.checkpoint import ModelSpec
+    from rwkv_state_hub.state import State
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -26,13 +26,16 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def resolve_state(state_or_repo: str | os.PathLike, spec: ModelSpec | None = None, force: bool = False) -> State:
     """A local state file (any format) or a Hub repo id ("owner/name[@revision]"), pulled and verified against
     `spec` (the base model, when known; `force` lets a base-model mismatch through, as everywhere), as a State."""
+    from rwkv_state_hub import hub
+    from rwkv_state_hub.formats import load_state
+
     path = Path(state_or_repo)
     if path.exists():
         return load_state(path)
     text = str(state_or_repo)
     if hub.is_repo_id(text):
         return load_state(hub.pull(text, model=spec, force=force))
-    raise StateHubError(f"{text}: no such file, and not a Hub repo id (owner/name)")
+    raise InvalidOptionError(f"{text}: no such file, and not a Hub repo id (owner/name)")
 
 
 def state_stem(state_or_repo: str | os.PathLike) -> str:
@@ -56,16 +59,16 @@ def post_json(url: str, body: dict[str, Any], server: str, timeout: float = 30.0
         with urllib.request.build_opener(*handlers).open(request, timeout=timeout) as reply:
             raw = reply.read()
     except urllib.error.HTTPError as e:
-        raise StateHubError(f"{server} at {url} answered HTTP {e.code}: {_error_detail(e)}") from None
+        raise ConsumerError(f"{server} at {url} answered HTTP {e.code}: {_error_detail(e)}") from None
     except urllib.error.URLError as e:
         reason = getattr(e.reason, "strerror", None) or str(e.reason)
-        raise StateHubError(f"cannot reach {server} at {url} ({reason}): is it running, is the URL right?") from None
+        raise ConsumerError(f"cannot reach {server} at {url} ({reason}): is it running, is the URL right?") from None
     except TimeoutError:
-        raise StateHubError(f"{server} at {url} did not answer within {timeout:g} s") from None
+        raise ConsumerError(f"{server} at {url} did not answer within {timeout:g} s") from None
     try:
         return json.loads(raw) if raw.strip() else None
     except ValueError:
-        raise StateHubError(f"{server} at {url} sent a reply that is not JSON: {raw[:120]!r}") from None
+        raise ConsumerError(f"{server} at {url} sent a reply that is not JSON: {raw[:120]!r}") from None
 
 
 def _error_detail(e: urllib.error.HTTPError) -> str:

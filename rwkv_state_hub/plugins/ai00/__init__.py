@@ -4,17 +4,17 @@ from .ai00 import (
     CHAT_PATH,
     DEFAULT_URL,
     Installed,
+    ai00_model_spec,
     ai00_problems,
     chat,
     config_path,
     install,
-    model_dims,
     model_folder,
     state_id,
     wkv_as_ai00_reads_it,
 )
 
 __all__ = [
-    "CHAT_PATH", "DEFAULT_URL", "Installed", "ai00_problems", "chat", "config_path", "install", "model_dims",
+    "CHAT_PATH", "DEFAULT_URL", "Installed", "ai00_model_spec", "ai00_problems", "chat", "config_path", "install",
     "model_folder", "state_id", "wkv_as_ai00_reads_it",
 ]

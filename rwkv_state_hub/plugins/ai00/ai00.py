@@ -20,18 +20,21 @@ import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomlkit
-import torch
-from safetensors import safe_open
 
-from rwkv_state_hub.checkpoint import read_spec
-from rwkv_state_hub.errors import StateHubError
+from rwkv_state_hub.errors import ConsumerError, InvalidOptionError, ModelMismatchError, option
 from rwkv_state_hub.files import atomic_path, atomic_write_bytes
-from rwkv_state_hub.formats import export_state, time_state_key
+from rwkv_state_hub.formats import export_state, format_notes, time_state_key
 
 from .. import post_json, resolve_state, state_stem
+
+if TYPE_CHECKING:
+    import torch
+
+    from rwkv_state_hub.checkpoint import ModelSpec
+    from rwkv_state_hub.state import State
 
 CONFIG = Path("assets/configs/Config.toml")
 DEFAULT_MODEL_FOLDER = "assets/models"
@@ -44,6 +47,9 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 def ai00_problems(path: str | os.PathLike, n_layer: int, n_head: int, head_size: int) -> list[str]:
     """Why Ai00 would fail on (or skip) this file as a state for a model of these dims; [] when it loads it."""
+    import torch
+    from safetensors import safe_open
+
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -73,7 +79,7 @@ def wkv_as_ai00_reads_it(tensor: torch.Tensor) -> torch.Tensor:
 def config_path(ai00_dir: str | os.PathLike, config: str | os.PathLike | None = None) -> Path:
     path = Path(config) if config else Path(ai00_dir) / CONFIG
     if not path.is_file():
-        raise StateHubError(f"{path}: no such file; is {ai00_dir} Ai00's folder? (or pass --config)")
+        raise ConsumerError(f"{path}: no such file; is {ai00_dir} Ai00's folder? (or pass {option('config')})")
     return path
 
 
@@ -81,11 +87,11 @@ def read_config(path: Path) -> tomlkit.TOMLDocument:
     try:
         return tomlkit.parse(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise StateHubError(f"{path}: cannot read ({e})") from None
+        raise ConsumerError(f"{path}: cannot read ({e})") from None
     except tomlkit.exceptions.ParseError as e:
-        raise StateHubError(f"{path}: not valid TOML ({e})") from None
+        raise ConsumerError(f"{path}: not valid TOML ({e})") from None
     except RecursionError:
-        raise StateHubError(f"{path}: not valid TOML (nested too deeply)") from None
+        raise ConsumerError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def model_folder(ai00_dir: str | os.PathLike, doc: tomlkit.TOMLDocument) -> Path:
@@ -93,13 +99,18 @@ def model_folder(ai00_dir: str | os.PathLike, doc: tomlkit.TOMLDocument) -> Path
     model = doc.get("model") or {}
     folder = model.get("path", DEFAULT_MODEL_FOLDER) if isinstance(model, dict) else None
     if not isinstance(folder, str):
-        raise StateHubError(f"{ai00_dir}: Ai00's config has no [model] table with a path string")
+        raise ConsumerError(f"{ai00_dir}: Ai00's config has no [model] table with a path string")
     folder = Path(folder)
     return folder if folder.is_absolute() else Path(ai00_dir) / folder
 
 
-def model_dims(model_file: Path) -> tuple[str, int, int, int] | None:
-    """(arch, n_layer, n_head, head_size) of an Ai00 safetensors model, from its header alone; None if unreadable."""
+def ai00_model_spec(model_file: Path) -> ModelSpec | None:
+    """Ai00's safetensors model as a ModelSpec from its header alone: architecture and dims, no sha256 (the file is
+    not the .pth a state records), vocab_size and n_ffn 0 (unknown); None if unreadable."""
+    from safetensors import safe_open
+
+    from rwkv_state_hub.checkpoint import ModelSpec
+
     try:
         with safe_open(str(model_file), framework="pt") as f:
             keys = set(f.keys())
@@ -117,7 +128,7 @@ def model_dims(model_file: Path) -> tuple[str, int, int, int] | None:
         arch = "v6"
     else:
         arch = "v5.2"
-    return arch, n_layer, H, N
+    return ModelSpec(arch, n_layer, n_embd=H * N, n_head=H, head_size=N, n_ffn=0, vocab_size=0)
 
 
 def _same_file(folder: Path, listed: str, file_name: str) -> bool:
@@ -130,7 +141,7 @@ def state_entries(doc: tomlkit.TOMLDocument, path: Path) -> list[dict[str, Any]]
     """The `[[state]]` tables, checked to be a list of tables."""
     entries = doc.get("state", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise StateHubError(f"{path}: `state` is not a list of [[state]] tables")
+        raise ConsumerError(f"{path}: `state` is not a list of [[state]] tables")
     return entries
 
 
@@ -144,7 +155,7 @@ def state_id(ai00_dir: str | os.PathLike, name_or_id: str, config: str | os.Path
     for e in state_entries(read_config(path), path):
         if name_or_id in (str(e.get("name", "")), Path(str(e.get("path", ""))).name) and e.get("id"):
             return str(e["id"])
-    raise StateHubError(f"{path}: no [[state]] named {name_or_id!r} with an id")
+    raise ConsumerError(f"{path}: no [[state]] named {name_or_id!r} with an id")
 
 
 # ---------------------------------------------------------------- install
@@ -168,54 +179,72 @@ def install(state_or_repo: str | os.PathLike, ai00_dir: str | os.PathLike, confi
     `model` (the base .pth, optional) checks the state's base-model sha256; the state's shape is always checked
     against the model Ai00 is configured with when its header can be read.
     """
+    from rwkv_state_hub.checkpoint import read_spec
+
     cfg = config_path(ai00_dir, config)
     doc = read_config(cfg)
     folder = model_folder(ai00_dir, doc)
     if not folder.is_dir():
-        raise StateHubError(f"{cfg}: [model] path is {folder}, which is not a folder")
+        raise ConsumerError(f"{cfg}: [model] path is {folder}, which is not a folder")
     spec = read_spec(model) if model else None
     state = resolve_state(state_or_repo, spec, force)
     notes = state.check(spec, force=force) if spec else []
     if spec:
         state = state.with_model(spec)
     model_name = str((doc.get("model") or {}).get("name", ""))
-    dims = model_dims(folder / model_name) if model_name else None
-    if dims is None:
-        notes.append(f"could not read the dims of Ai00's model {model_name or '(none configured)'}; "
-                     "the state's shape was not checked against it")
-    else:
-        arch, n_layer, n_head, head_size = dims
-        if (state.n_layer, state.n_head, state.head_size) != (n_layer, n_head, head_size):
-            raise StateHubError(f"{state.source}: {state.dims()}, but Ai00's model {model_name} has "
-                                f"{n_layer} layers x {n_head} heads x {head_size}")
-        if state.arch and state.arch != arch:
-            raise StateHubError(f"{state.source}: made for an RWKV {state.arch} model, but Ai00's model "
-                                f"{model_name} is {arch}")
-
+    notes += _check_against_ai00s_model(state, folder, model_name, force)
     stem = state_stem(state_or_repo)
     model_stem = Path(model_name).stem if model_name else state.metadata.get("base_model_name")
     file_name = f"{stem}--for-{model_stem}.st" if model_stem else f"{stem}.st"
     entry_name = name or stem
-    entries = state_entries(doc, cfg)
-    if entries and not isinstance(entries, tomlkit.items.AoT):
-        raise StateHubError(f"{cfg}: `state` is an inline array; write its entries as [[state]] tables to add one")
-    for e in entries:
-        if _same_file(folder, str(e.get("path", "")), file_name) or str(e.get("name", "")) == entry_name:
-            raise StateHubError(f"{cfg}: already has a [[state]] with path {e.get('path')!r} / name "
-                                f"{e.get('name')!r} (id {e.get('id')}); remove it first, or pass another --name")
+    _refuse_a_duplicate(doc, cfg, folder, file_name, entry_name)
     target = folder / file_name
     if target.exists():
         notes.append(f"replaced {target}, which no [[state]] entry named")
-
     with atomic_path(target) as tmp:
-        notes += export_state(state, tmp, "ai00")  # refuses non-finite values; notes a token shift left behind
+        export_state(state, tmp, "ai00")  # refuses non-finite values
+        notes += format_notes(state, "ai00")  # a token shift left behind
         broken = ai00_problems(tmp, state.n_layer, state.n_head, state.head_size)
         if broken:
-            raise StateHubError(f"{target}: Ai00 would not load the file we wrote: {broken[0]}")
-
+            raise ConsumerError(f"{target}: Ai00 would not load the file we wrote: {broken[0]}")
     new_id = str(uuid.uuid4())
+    _add_entry(doc, {"path": file_name, "id": new_id, "name": entry_name, "default": False})
+    text = tomlkit.dumps(doc)
+    if not _reads_back(text, new_id):  # never leave Ai00 a config it cannot read
+        target.unlink()
+        raise RuntimeError(f"editing {cfg} produced TOML that does not read back; the file was left as it was")
+    atomic_write_bytes(cfg, text.encode("utf-8"))
+    return Installed(target, cfg, new_id, entry_name, notes)
+
+
+def _check_against_ai00s_model(state: State, folder: Path, model_name: str, force: bool) -> list[str]:
+    """State.check against the model Ai00 runs (shape and architecture: its file has no sha256 of ours to
+    compare); a note instead when that model's header cannot be read."""
+    ai00_spec = ai00_model_spec(folder / model_name) if model_name else None
+    if ai00_spec is None:
+        return [f"could not read the dims of Ai00's model {model_name or '(none configured)'}; "
+                "the state's shape was not checked against it"]
+    try:
+        return state.check(ai00_spec, force=force)
+    except ModelMismatchError as e:
+        raise ModelMismatchError(f"{e} (Ai00's model is {model_name})") from None
+
+
+def _refuse_a_duplicate(doc: tomlkit.TOMLDocument, cfg: Path, folder: Path, file_name: str, entry_name: str) -> None:
+    entries = state_entries(doc, cfg)
+    if entries and not isinstance(entries, tomlkit.items.AoT):
+        raise ConsumerError(f"{cfg}: `state` is an inline array; write its entries as [[state]] tables to add one")
+    for e in entries:
+        if _same_file(folder, str(e.get("path", "")), file_name) or str(e.get("name", "")) == entry_name:
+            raise ConsumerError(f"{cfg}: already has a [[state]] with path {e.get('path')!r} / name "
+                                f"{e.get('name')!r} (id {e.get('id')}); remove it first, or pass another "
+                                f"{option('name')}")
+
+
+def _add_entry(doc: tomlkit.TOMLDocument, values: dict[str, Any]) -> None:
+    """A `[[state]]` table at the end, formatted like the user's own entries."""
     entry = tomlkit.table()
-    entry.update({"path": file_name, "id": new_id, "name": entry_name, "default": False})
+    entry.update(values)
     entry.add(tomlkit.nl())  # a blank line before whatever table follows, as the user's own entries have
     if "state" in doc:
         doc["state"].append(entry)
@@ -223,12 +252,6 @@ def install(state_or_repo: str | os.PathLike, ai00_dir: str | os.PathLike, confi
         table_array = tomlkit.aot()
         table_array.append(entry)
         doc.append("state", table_array)
-    text = tomlkit.dumps(doc)
-    if not _reads_back(text, new_id):  # never leave Ai00 a config it cannot read
-        target.unlink()
-        raise RuntimeError(f"editing {cfg} produced TOML that does not read back; the file was left as it was")
-    atomic_write_bytes(cfg, text.encode("utf-8"))
-    return Installed(target, cfg, new_id, entry_name, notes)
 
 
 def _reads_back(text: str, new_id: str) -> bool:
@@ -255,10 +278,11 @@ def chat(url: str, prompt: str | list[dict[str, str]], state: str | None = None,
         try:
             body["state"] = str(uuid.UUID(state))
         except ValueError:
-            raise StateHubError(f"state {state!r}: Ai00 picks a state by its UUID (the id in Config.toml)") from None
+            raise InvalidOptionError(f"{option('state', state)}: Ai00 picks a state by its UUID (the id in "
+                                     "Config.toml)") from None
     reply = post_json(url.rstrip("/") + CHAT_PATH, body, SERVER, timeout)
     try:
         return reply["choices"][0]["message"]["content"]
     except (TypeError, KeyError, IndexError):
-        raise StateHubError(f"{SERVER} at {url} sent a reply without choices[0].message.content: "
+        raise ConsumerError(f"{SERVER} at {url} sent a reply without choices[0].message.content: "
                             f"{str(reply)[:160]}") from None

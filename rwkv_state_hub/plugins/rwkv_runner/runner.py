@@ -16,16 +16,19 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from rwkv_state_hub.checkpoint import ModelSpec, load_state_dict, read_spec
-from rwkv_state_hub.errors import StateHubError
+from rwkv_state_hub.errors import ConsumerError, InvalidOptionError, ModelMismatchError, StateHubError, option
 from rwkv_state_hub.files import atomic_path, sha256_file
-from rwkv_state_hub.formats import detect_format, export_state, time_state_key
-from rwkv_state_hub.state import State
+from rwkv_state_hub.formats import detect_format, export_state, format_notes, time_state_key
 
 from .. import post_json, resolve_state, state_stem
+
+if TYPE_CHECKING:
+    import torch
+
+    from rwkv_state_hub.checkpoint import ModelSpec
+    from rwkv_state_hub.state import State
 
 STATE_FOLDER = "state-models"
 DEFAULT_MODELS_FOLDER = "models"
@@ -36,6 +39,8 @@ SERVER = "RWKV Runner"
 
 def wkv_as_runner_uses_it(tensor: torch.Tensor, arch: str) -> torch.Tensor:
     """Runner's transform of one file tensor into its state list entry."""
+    import torch
+
     t = tensor if arch == "v7" else tensor.transpose(1, 2)
     return t.to(torch.float).contiguous()
 
@@ -109,21 +114,23 @@ def model_sha256(path: Path, manifest: dict[tuple[str, int], str]) -> str:
 
 
 def named_model(runner_dir: Path, model: str) -> Path:
-    """The model named with --model: a path, or a file name (".pth" optional) in Runner's models folder."""
+    """The model named by `model`: a path, or a file name (".pth" optional) in Runner's models folder."""
     folder = models_folder(runner_dir)
     path = Path(model) if Path(model).is_absolute() or Path(model).is_file() else folder / model
     if not path.is_file() and path.suffix != ".pth":
         path = path.with_name(path.name + ".pth")
     if not path.is_file():
-        raise StateHubError(f"--model {model}: no such model in {folder}")
+        raise InvalidOptionError(f"{option('model', model)}: no such model in {folder}")
     if path.suffix != ".pth":
-        raise StateHubError(f"{path}: Runner loads states only with .pth models (not in its WebGPU mode)")
+        raise ConsumerError(f"{path}: Runner loads states only with .pth models (not in its WebGPU mode)")
     return path
 
 
 def find_base_model(state: State, runner_dir: Path, model: str | None = None, force: bool = False
                     ) -> tuple[ModelSpec, list[str]]:
     """The model in Runner's models folder this state was made for (by sha256), or `model` when given, checked."""
+    from rwkv_state_hub.checkpoint import read_spec
+
     folder = models_folder(runner_dir)
     manifest = manifest_sha256(runner_dir)
     if model:
@@ -131,7 +138,7 @@ def find_base_model(state: State, runner_dir: Path, model: str | None = None, fo
         spec = replace(read_spec(path), _sha256=model_sha256(path, manifest))
         return spec, state.check(spec, force=force)
     if not folder.is_dir():
-        raise StateHubError(f"{runner_dir}: no models folder {folder}; is this RWKV Runner's folder?")
+        raise ConsumerError(f"{runner_dir}: no models folder {folder}; is this RWKV Runner's folder?")
     candidates = sorted(p for p in folder.glob("*.pth") if p.is_file())
     want = state.base_model_sha256
     if want:
@@ -145,20 +152,22 @@ def find_base_model(state: State, runner_dir: Path, model: str | None = None, fo
                 return spec, state.check(spec, force=force)
         made_for = state.metadata.get("base_model_name") or "another model"
         names = ", ".join(p.name for p in candidates) or "none"
-        raise StateHubError(f"{state.source}: made for {made_for} (sha256 {want[:12]}), which is not among "
-                            f"Runner's models in {folder} (found: {names}); download it, or name one with --model")
+        raise ModelMismatchError(f"{state.source}: made for {made_for} (sha256 {want[:12]}), which is not among "
+                                 f"Runner's models in {folder} (found: {names}); download it, or pass "
+                                 f"{option('model')} to name one")
     fits = []
     for path in candidates:
         try:
             spec = read_spec(path)
         except StateHubError:
             continue  # a state or another file in models/: not a model
-        if not state.fit_problems(spec):
+        if not state.problems(spec, identity=False):
             fits.append(spec)
     if len(fits) != 1:
         names = ", ".join(s.name for s in fits) or "none"
-        raise StateHubError(f"{state.source} does not record its base model, and {len(fits)} of Runner's models in "
-                            f"{folder} have its shape ({state.dims()}: {names}); name one with --model")
+        error = InvalidOptionError if fits else ModelMismatchError  # several to choose from, or none that fits
+        raise error(f"{state.source} does not record its base model, and {len(fits)} of Runner's models in "
+                    f"{folder} have its shape ({state.dims()}: {names}); pass {option('model')} to name one")
     return fits[0], [f"{state.source} does not record its base model; {fits[0].name} was chosen by shape alone"]
 
 
@@ -169,20 +178,23 @@ def install(state_or_repo: str | os.PathLike, runner_dir: str | os.PathLike, mod
     The file is checked against Runner's own loading rules before it takes its place, so what Runner lists
     always loads.
     """
+    from rwkv_state_hub.checkpoint import load_state_dict, read_spec
+
     runner_dir = Path(runner_dir)
     if not runner_dir.is_dir():
-        raise StateHubError(f"--runner-dir {runner_dir}: no such folder")
-    # a Hub state is verified against the named model while it is pulled; without --model, by sha256 below
+        raise ConsumerError(f"{option('runner_dir', str(runner_dir))}: no such folder")
+    # a Hub state is verified against the named model while it is pulled; without a model, by sha256 below
     state = resolve_state(state_or_repo, read_spec(named_model(runner_dir, model)) if model else None, force)
     spec, notes = find_base_model(state, runner_dir, model, force)
     state = state.with_model(spec)
     target = runner_dir / STATE_FOLDER / f"{state_stem(state_or_repo)}--for-{spec.name}.pth"
     replaced = target.exists()
     with atomic_path(target) as tmp:
-        notes += export_state(state, tmp, "pth", "fp32")  # fp32 [H, V, K]; notes a token shift left behind
+        export_state(state, tmp, "pth", "fp32")  # fp32 [H, V, K]
+        notes += format_notes(state, "pth")  # a token shift left behind
         broken = runner_problems(load_state_dict(tmp), spec)
         if broken:
-            raise StateHubError(f"{target}: Runner would refuse the file we wrote: {broken[0]}")
+            raise ConsumerError(f"{target}: Runner would refuse the file we wrote: {broken[0]}")
     return Installed(target, spec, replaced, notes)
 
 
@@ -194,13 +206,13 @@ def _path_as_runner_sees_it(state: str | os.PathLike) -> str:
     resolved by Runner against its own folder (e.g. `state-models/x.pth`)."""
     path = Path(state)
     if not str(state).endswith(".pth"):
-        raise StateHubError(f"{state}: Runner loads only .pth states (its rule); install the state with "
-                            "`rwkv-state runner install` first")
+        raise ConsumerError(f"{state}: Runner loads only .pth states (its rule); install the state first, which "
+                            "writes one")
     if not path.exists():
         return str(state)
     if detect_format(path) != "pth":
-        raise StateHubError(f"{state}: Runner takes only a plain state .pth (one tensor per layer); "
-                            "`rwkv-state runner install` writes one")
+        raise ConsumerError(f"{state}: Runner takes only a plain state .pth (one tensor per layer); install the "
+                            "state first, which writes one")
     return str(path.resolve())
 
 

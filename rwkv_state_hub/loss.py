@@ -1,0 +1,81 @@
+"""The one loss: cross-entropy over trained tokens through the model's head, a chunk of rows at a time.
+
+Training, validation, `rwkv-state eval` and the benchmarks all call `batch_loss`. Full-vocabulary logits never
+exist for the whole batch at once (HEAD_CHUNK_BYTES of them at most), so a 65k vocabulary at ctx 4096 costs
+32 MiB, not 1 GiB. When a state is trained, the gradient to the hidden states is worked out in the same pass
+as the loss (the head is frozen: nothing else needs a gradient), so nothing of the size of the logits is kept
+for the backward pass and the head runs once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HEAD_CHUNK_BYTES = 32 << 20  # fp32 logits alive at once (512 positions of a 16k vocab, 128 of a 65k one)
+
+
+def _chunk_rows(vocab_size: int) -> int:
+    return max(16, HEAD_CHUNK_BYTES // (vocab_size * 4))
+
+
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Sum of weighted cross-entropy through a frozen head, the number of correct argmax predictions (only
+    when no gradient is wanted) and the loss at each position. With a gradient, d loss / d hidden is worked
+    out chunk by chunk during the forward pass and kept for backward (the size of `hidden`, not of the logits)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, head: Tensor, targets: Tensor, weight: Tensor, want_grad: bool):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        targets, weight = targets.reshape(-1), weight.reshape(-1).to(hidden.dtype)
+        grad = torch.empty_like(flat) if want_grad else None
+        nll = flat.new_empty(flat.shape[0])
+        correct = flat.new_zeros(())
+        rows = _chunk_rows(head.shape[0])
+        for s in range(0, flat.shape[0], rows):
+            h, t, wt = flat[s : s + rows], targets[s : s + rows, None], weight[s : s + rows, None]
+            logits = F.linear(h.to(head.dtype), head).to(h.dtype)             # [rows, V]
+            lse = logits.logsumexp(-1, keepdim=True)
+            nll[s : s + rows] = (lse - logits.gather(1, t))[:, 0]
+            if grad is None:
+                correct += ((logits.argmax(-1, keepdim=True) == t).to(wt.dtype) * wt).sum()
+                continue
+            probs = logits.sub_(lse).exp_()                                   # softmax, in place
+            probs.scatter_add_(1, t, torch.full_like(wt, -1.0)).mul_(wt)      # d loss / d logits
+            grad[s : s + rows] = (probs.to(head.dtype) @ head).to(h.dtype)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.shape = hidden.shape
+        ctx.mark_non_differentiable(correct, nll)
+        return (nll * weight).sum(), correct, nll.view(hidden.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, grad_correct: Tensor | None, grad_nll: Tensor | None):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total).view(ctx.shape), None, None, None, None
+
+
+def head_loss(hidden: Tensor, head: nn.Linear, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(sum(cross_entropy(head(hidden), targets) * weight), correct argmax predictions weighted alike; None
+    when a gradient is wanted). hidden [B, T, C]; targets [B, T] (valid ids everywhere, 0 at padding);
+    weight [B, T]. The head must be frozen when a gradient is wanted: only d loss / d hidden is computed."""
+    want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    if want_grad and head.weight.requires_grad:
+        raise ValueError("head_loss is for a frozen head; this head requires a gradient")
+    total, correct, _ = _FrozenHeadLoss.apply(hidden, head.weight.detach(), targets, weight, want_grad)
+    return total, None if want_grad else correct
+
+
+def batch_loss(model, batch, state) -> tuple[Tensor, Tensor | None]:
+    """(sum of cross-entropy over the batch's trained tokens, number of correct argmax predictions; None
+    when training). `model` is an RWKV, `batch` a data.Batch, `state` a RecurrentState or None (zeros)."""
+    hidden, _ = model.hidden(batch.inputs, state, batch.mask)
+    return head_loss(hidden, model.head, batch.targets, batch.loss_mask.to(hidden.dtype))
+
+
+@torch.no_grad()
+def token_losses(model, batch, state) -> Tensor:
+    """Cross-entropy at every position [B, T] (padding included: mask it with batch.loss_mask)."""
+    hidden, _ = model.hidden(batch.inputs, state, batch.mask)
+    return _FrozenHeadLoss.apply(hidden, model.head.weight, batch.targets, batch.loss_mask, False)[2]
