@@ -32,7 +32,7 @@ import torch
 
 CONFIGS = ("naive", "fp32", "bf16", "lean-fp32", "lean-bf16")
 SHAPE = dict(n_layer=12, n_embd=768, head_size=64, vocab_size=65536)  # RWKV 0.1B
-LEAN_HEADROOM = 1 << 30  # the issue's target: peak RSS at most the weights + 1 GiB
+LEAN_HEADROOM = 1 << 30  # the lean configs' aim: peak RSS at most the weights + 1 GiB
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:

@@ -59,7 +59,7 @@ class FileAccessError(StateHubError):
 
 
 class OutputExistsError(StateHubError):
-    """A file or run folder would be overwritten; pass force=True (or resume=True for a run) to go on."""
+    """A run folder already holds a run: continue it (resume=True) or choose another out."""
 
 
 class ConsumerError(StateHubError):

@@ -417,16 +417,9 @@ def _verified(path: Path, entry: dict[str, Any], where: str) -> None:
                        "corrupted on the way and has been removed from the cache; run again")
 
 
-def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "safetensors",
-               output: str | os.PathLike | None = None, revision: str | None = None, force: bool = False,
-               token: str | None = None, endpoint: str | None = None, max_bytes: int | None = None) -> PullResult:
-    """`pull` with everything it learned: the manifest, the commit, and the warnings `force` let through.
-    With `max_bytes`, a state the manifest says is larger is refused before it is downloaded."""
-    endpoint = _endpoint(endpoint)
-    repo_id, revision = _split_revision(repo_id, revision)
-    role = ROLE_OF_FORMAT.get(FORMAT_ALIASES.get(fmt, fmt))
-    if role is None:
-        raise InvalidOptionError(f"{option('fmt', fmt)}: choose one of {', '.join(PULL_FORMATS)}")
+def _read_repo_manifest(repo_id: str, revision: str | None, token: str | None,
+                        endpoint: str | None) -> tuple[dict[str, Any], str | None]:
+    """The repo's manifest, verified against its ETag, and the commit it came from."""
     try:
         manifest_path = _download(repo_id, MANIFEST, revision, token, endpoint)
     except HubEntryNotFoundError:
@@ -437,26 +430,36 @@ def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None,
         raise HubError(f"{repo_id}/{MANIFEST}: the download does not match its ETag: it was corrupted on the "
                        "way and has been removed from the cache; run again")
     commit = manifest_path.parent.name if _COMMIT.match(manifest_path.parent.name) else revision
-    manifest = read_manifest(manifest_path, f"{repo_id}/{MANIFEST}")
+    return read_manifest(manifest_path, f"{repo_id}/{MANIFEST}"), commit
+
+
+def _check_made_for(repo_id: str, manifest: dict[str, Any], model: str | os.PathLike | ModelSpec, force: bool,
+                    token: str | None, endpoint: str | None) -> tuple[ModelSpec | None, list[str]]:
+    """The repo's base model against `model`, by sha256 (an hf:// model: from the Hub, without downloading it);
+    the model's spec when it is a local file, and the mismatch `force` let through, if any."""
     made_for = manifest["base_model_sha256"]
     base_model = manifest.get("base_model")
     made_for_name = (base_model.get("name") if isinstance(base_model, dict) else None) or "another model"
-    warnings: list[str] = []
     spec = None
-    if model is not None:
-        if isinstance(model, ModelSpec) or parse_hf_url(str(model)) is None:
-            spec = model if isinstance(model, ModelSpec) else read_spec(model)
-        have = model_identity(spec or model, token=token, endpoint=endpoint)
-        if have.sha256 != made_for:
-            problem = (f"{repo_id}: made for {made_for_name} (sha256 {made_for[:12]}), but {have.label} has "
-                       f"sha256 {have.sha256[:12]}")
-            if not force:
-                raise ModelMismatchError(f"{problem} (pass {option('force', True)} to use it anyway)")
-            warnings.append(problem)
+    if isinstance(model, ModelSpec) or parse_hf_url(str(model)) is None:
+        spec = model if isinstance(model, ModelSpec) else read_spec(model)
+    have = model_identity(spec or model, token=token, endpoint=endpoint)
+    if have.sha256 == made_for:
+        return spec, []
+    problem = f"{repo_id}: made for {made_for_name} (sha256 {made_for[:12]}), but {have.label} has sha256 " \
+              f"{have.sha256[:12]}"
+    if not force:
+        raise ModelMismatchError(f"{problem} (pass {option('force', True)} to use it anyway)")
+    return spec, [problem]
+
+
+def _fetch_entry(repo_id: str, manifest: dict[str, Any], role: str, commit: str | None, token: str | None,
+                 endpoint: str | None, max_bytes: int | None) -> tuple[Path, dict[str, Any], State]:
+    """Download one file the manifest lists, verify its bytes, and read it as a state."""
     entry = manifest["files"].get(role)
     if entry is None:
-        have_formats = ", ".join(EXPORT_FORMATS[r] for r in manifest["files"] if r in REPO_FILES)
-        raise HubEntryNotFoundError(f"{repo_id}: no {EXPORT_FORMATS[role]} file in this repo (it has: {have_formats})")
+        have = ", ".join(EXPORT_FORMATS[r] for r in manifest["files"] if r in REPO_FILES)
+        raise HubEntryNotFoundError(f"{repo_id}: no {EXPORT_FORMATS[role]} file in this repo (it has: {have})")
     where = f"{repo_id}/{entry['path']}"
     if max_bytes is not None and entry["size"] > max_bytes:
         raise InvalidStateError(f"{where}: {entry['size'] >> 20} MB says the manifest, over the {max_bytes >> 20} MB "
@@ -464,22 +467,38 @@ def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None,
     path = _download(repo_id, entry["path"], commit, token, endpoint)
     _verified(path, entry, where)
     state = load_state(path, name=where)
-    recorded = state.base_model_sha256  # a native or ai00 file says itself which model it was made for
-    if recorded and recorded != made_for:
+    recorded, made_for = state.base_model_sha256, manifest["base_model_sha256"]
+    if recorded and recorded != made_for:  # a native or ai00 file says itself which model it was made for
         raise InvalidStateError(f"{where}: the file records base model sha256 {recorded[:12]}, but the repo's "
                                 f"{MANIFEST} says {made_for[:12]}: the repo is inconsistent; not using it")
+    return path, entry, state
+
+
+def pull_state(repo_id: str, model: str | os.PathLike | ModelSpec | None = None, *, fmt: str = "safetensors",
+               output: str | os.PathLike | None = None, revision: str | None = None, force: bool = False,
+               token: str | None = None, endpoint: str | None = None, max_bytes: int | None = None) -> PullResult:
+    """`pull` with everything it learned: the manifest, the commit, and the warnings `force` let through.
+    With `max_bytes`, a state the manifest says is larger is refused before it is downloaded."""
+    endpoint = _endpoint(endpoint)
+    repo_id, revision = _split_revision(repo_id, revision)
+    role = ROLE_OF_FORMAT.get(FORMAT_ALIASES.get(fmt, fmt))
+    if role is None:
+        raise InvalidOptionError(f"{option('fmt', fmt)}: choose one of {', '.join(PULL_FORMATS)}")
+    manifest, commit = _read_repo_manifest(repo_id, revision, token, endpoint)
+    spec, warnings = (None, []) if model is None else _check_made_for(repo_id, manifest, model, force, token,
+                                                                      endpoint)
+    path, entry, state = _fetch_entry(repo_id, manifest, role, commit, token, endpoint, max_bytes)
     if spec is not None:
-        labelled = State(state.wkv, state.shift, {**state.metadata, "arch": manifest.get("arch")}, where)
+        labelled = State(state.wkv, state.shift, {**state.metadata, "arch": manifest.get("arch")}, state.source)
         broken = labelled.problems(spec, identity=False)
         if broken:
             raise ModelMismatchError(broken[0])
     if output is not None:
         out = Path(output)
-        if out.is_dir():
-            out = out / entry["path"]
+        out = out / entry["path"] if out.is_dir() else out
         with atomic_path(out) as tmp:
             shutil.copyfile(path, tmp)
-            _verified(tmp, entry, where)
+            _verified(tmp, entry, state.source)
         path = out
     return PullResult(path, manifest, commit, warnings)
 

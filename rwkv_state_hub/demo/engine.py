@@ -98,10 +98,21 @@ class DemoEngine:
         self.skipped: list[str] = []
         for entry in states:
             self._add_entry(str(entry))
-        self.runner = PipRunner(load_pip_model(self.model_path, strategy), self.tokenizer, self.spec, strategy)
+        self._runner: PipRunner | None = None
+        self._runner_lock = threading.Lock()
         self._own_model = None
         self._lock = threading.Lock()
         self._workdir: tempfile.TemporaryDirectory | None = None  # made on first use, once signals are handled
+
+    @property
+    def runner(self) -> PipRunner:
+        """The `rwkv` pip model that generates the page's text, loaded on first use (seconds: the registry alone
+        needs none of it, and the page asks for it while it starts)."""
+        with self._runner_lock:
+            if self._runner is None:
+                model = load_pip_model(self.model_path, self.strategy)
+                self._runner = PipRunner(model, self.tokenizer, self.spec, self.strategy)
+            return self._runner
 
     # ------------------------------------------------------------ states offered to everyone
 

@@ -236,6 +236,7 @@ def create_demo(model: str | os.PathLike, states: list[str] | tuple[str, ...] = 
     """Load the model and states, and build the page."""
     engine = DemoEngine(model, states, tokenizer=tokenizer, strategy=strategy, max_upload_bytes=max_upload_bytes,
                         prompts=prompts)
+    engine.runner  # noqa: B018 - load the pip model now, not on the first visitor's request
     return build_demo(engine, concurrency=concurrency, preview=preview)
 
 
