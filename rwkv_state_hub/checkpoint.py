@@ -1,4 +1,6 @@
-"""Reading BlinkDL's official RWKV `.pth` checkpoints: safe loading, architecture detection, ModelSpec.
+"""Reading BlinkDL's official RWKV checkpoints: safe loading, architecture detection, ModelSpec.
+
+The official key layout in a `.pth` (torch.save zip, any float dtype) or a safetensors file with the same keys.
 
 Only v5.2, v6 (x060) and v7 (x070) are state-tunable here. Everything else gets one clear line.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -49,7 +52,7 @@ class ModelSpec:
     def name(self) -> str:
         """The file name without extension, or a description when the model came from memory."""
         if self.path:
-            return Path(self.path).name.removesuffix(".pth")
+            return model_name(self.path)
         return f"RWKV-{self.arch} L{self.n_layer} D{self.n_embd}"
 
     @cached_property
@@ -83,6 +86,14 @@ class ModelSpec:
         return d
 
 
+def model_name(path: str | os.PathLike) -> str:
+    """A model file's name without its extension (.pth or .safetensors), as states and cards record it."""
+    name = Path(path).name
+    for suffix in (".pth", ".safetensors"):
+        name = name.removesuffix(suffix)
+    return name
+
+
 def load_state_dict(
     path: str | os.PathLike, error: type[StateHubError] = InvalidCheckpointError, where: str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -94,6 +105,8 @@ def load_state_dict(
     where = where or str(path)
     if not path.is_file():
         raise error(f"{where}: no such file")
+    if file_kind(path, error, where) == "safetensors":
+        return _read_safetensors_weights(path, error, where)
     sd, size = load_untrusted(path, error, where)
     if not isinstance(sd, dict):
         raise error(f"{where}: expected a dict of tensors, found {type(sd).__name__}")
@@ -109,6 +122,44 @@ def load_state_dict(
     if claimed > size:  # views with stride 0, or many over one storage: copying them would cost that much
         raise error(f"{where}: its tensors claim {claimed:,} bytes, more than the file's {size:,} "
                     "(overlapping views): damaged or crafted")
+    return sd
+
+
+def file_kind(path: Path, error: type[StateHubError] = InvalidCheckpointError, where: str | None = None) -> str:
+    """'safetensors' or 'torch' from the first bytes, whatever the extension says."""
+    where = where or str(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise error(f"{where}: cannot read ({e.strerror})") from None
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < (100 << 20):
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    raise error(f"{where}: neither safetensors nor a PyTorch file")
+
+
+def _read_safetensors_weights(path: Path, error: type[StateHubError], where: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors. safetensors checks every offset in the header against the file's size, so
+    the cost is bounded by the bytes there; names that are not UTF-8 are read through Python's open."""
+    import safetensors
+    import safetensors.torch
+
+    try:
+        try:
+            name = os.fsdecode(path)
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return safetensors.torch.load(path.read_bytes())
+        with safetensors.safe_open(name, framework="pt") as f:
+            sd = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    except OSError as e:
+        raise error(f"{where}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - a malformed header is the file's fault
+        raise error(f"{where}: not a valid safetensors file ({' '.join(str(e).split())[:200]})") from None
+    if not sd:
+        raise error(f"{where}: the file holds no tensors")
     return sd
 
 

@@ -199,16 +199,9 @@ def format_notes(state: State, fmt: str) -> list[str]:
 
 def _kind(path: Path, where: str) -> str:
     """'safetensors' or 'torch' from the first bytes, whatever the extension says."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise InvalidStateError(f"{where}: cannot read ({e.strerror})") from None
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < (100 << 20):
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
-    raise InvalidStateError(f"{where}: neither safetensors nor a PyTorch file")
+    from .checkpoint import file_kind
+
+    return file_kind(path, InvalidStateError, where)
 
 
 def _stack_layers(where: str, tensors: dict[str, Tensor]) -> Tensor:

@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .checkpoint import ModelSpec, read_spec
+from .checkpoint import ModelSpec, model_name, read_spec
 from .errors import (
     HubEntryNotFoundError,
     HubError,
@@ -142,8 +142,8 @@ def model_identity(model: str | os.PathLike | ModelSpec, *, token: str | None = 
     hub_file = parse_hf_url(str(model))
     if hub_file is None:
         path = Path(model)
-        return BaseModel(sha256_file(path), path.name.removesuffix(".pth"), path.stat().st_size)
-    name = Path(hub_file.path).name.removesuffix(".pth")
+        return BaseModel(sha256_file(path), model_name(path), path.stat().st_size)
+    name = model_name(hub_file.path)
     if constants.is_offline_mode():  # no Hub to ask: the cached download, if there is one
         path = resolve_model(str(hub_file), token=token, endpoint=endpoint)
         return BaseModel(sha256_file(path), name, path.stat().st_size, hub_file.repo_id, hub_file.path)

@@ -36,16 +36,16 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileAccessError(f"{path}: no such file")
     out: dict[str, Any] = {"file": str(path), "size": path.stat().st_size}
-    if _kind(path, str(path)) == "torch":
-        sd = load_state_dict(path)
-        if "emb.weight" in sd:
-            spec = spec_from_state_dict(sd, path)
-            out.update(kind="checkpoint", **spec.to_dict())
-            out["tokenizer"] = TOKENIZERS.get(spec.vocab_size, f"unknown ({spec.vocab_size} tokens)")
-            out["has_time_state"] = spec.has_time_state
-            out["nonfinite_tensors"] = nonfinite_tensors(sd)  # NaN or inf weights: the model cannot work
-            out["consumers"] = checkpoint_consumers(spec)
-            return out
+    _kind(path, str(path))  # neither safetensors nor torch: one line, before anything is read
+    sd = load_state_dict(path)
+    if "emb.weight" in sd:  # a model (.pth or safetensors with the official keys); else a state
+        spec = spec_from_state_dict(sd, path)
+        out.update(kind="checkpoint", **spec.to_dict())
+        out["tokenizer"] = TOKENIZERS.get(spec.vocab_size, f"unknown ({spec.vocab_size} tokens)")
+        out["has_time_state"] = spec.has_time_state
+        out["nonfinite_tensors"] = nonfinite_tensors(sd)  # NaN or inf weights: the model cannot work
+        out["consumers"] = checkpoint_consumers(spec)
+        return out
     state, fmt = _load(path)
     out.update(
         kind="state",

@@ -241,16 +241,16 @@ def test_unrecognised_layout(tmp_path):
 # --- files that are not (valid) checkpoints ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", [
-    random.Random(0).randbytes(4096),
-    b"",
-    b"emb.weight = [1, 2, 3]\n" * 20,
-    b"PK\x03\x04" + random.Random(1).randbytes(1000),
+@pytest.mark.parametrize(("content", "why"), [
+    (random.Random(0).randbytes(4096), "neither safetensors nor a PyTorch file"),
+    (b"", "neither safetensors nor a PyTorch file"),
+    (b"emb.weight = [1, 2, 3]\n" * 20, "neither safetensors nor a PyTorch file"),
+    (b"PK\x03\x04" + random.Random(1).randbytes(1000), "not a readable PyTorch checkpoint"),
 ], ids=["random-bytes", "empty", "text", "fake-zip"])
-def test_not_a_checkpoint(content, tmp_path):
+def test_not_a_checkpoint(content, why, tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(content)
-    _one_line_error(path, "not a readable PyTorch checkpoint")
+    _one_line_error(path, why)
 
 
 def test_truncated_checkpoint(tmp_path):

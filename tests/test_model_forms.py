@@ -1,0 +1,66 @@
+"""One base model in other files: the official keys in a safetensors file (fp32, fp16 or bf16) read as the .pth
+does, with the same dims and, within the dtype's rounding, the same logits; training and info work from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from click.testing import CliRunner
+
+from rwkv_state_hub import RWKV, InvalidCheckpointError, TrainConfig, read_spec, train_state
+from rwkv_state_hub.checkpoint import load_state_dict
+from rwkv_state_hub.examples import example_model
+
+MODELS = ["tiny-rwkv-5v2-730K.pth", "tiny-rwkv-7v0-834K.pth", "rwkv7-example-L4-D256.pth"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOKENS = torch.tensor([[87, 69, 65, 84, 72, 69, 82, 46, 32, 79, 115, 108, 111, 58]])  # "WEATHER. Oslo:"
+
+
+def as_safetensors(pth: Path, folder: Path, dtype: str) -> Path:
+    """The .pth's tensors, keys unchanged, converted to `dtype` and saved as safetensors (as users convert)."""
+    sd = torch.load(pth, map_location="cpu", weights_only=True)
+    out = folder / f"{pth.stem}-{dtype}.safetensors"
+    safetensors.torch.save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}, out)
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_a_safetensors_copy_reads_as_the_pth(name, dtype, tmp_path):
+    pth = example_model(name)
+    copy = as_safetensors(pth, tmp_path, dtype)
+    a, b = read_spec(pth), read_spec(copy)
+    assert (b.arch, b.n_layer, b.n_embd, b.n_head, b.head_size, b.vocab_size) == \
+           (a.arch, a.n_layer, a.n_embd, a.n_head, a.head_size, a.vocab_size)
+    assert b.name == f"{pth.stem}-{dtype}" and b.sha256 != a.sha256  # another file: the identity issue's business
+    with torch.no_grad():
+        want = RWKV.from_pretrained(pth, dtype=torch.float32)(TOKENS)[0]
+        got = RWKV.from_pretrained(copy, dtype=torch.float32)(TOKENS)[0]
+    stored = load_state_dict(pth)["head.weight"].dtype
+    if DTYPES[dtype].itemsize >= stored.itemsize and (dtype != "fp16" or stored == torch.float16):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # a widening conversion changes no value
+    else:
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+
+
+def test_training_and_info_work_from_a_safetensors_model(tmp_path):
+    from rwkv_state_hub.cli import cli
+
+    copy = as_safetensors(example_model("tiny-rwkv-5v2-730K.pth"), tmp_path, "bf16")
+    model = RWKV.from_pretrained(copy)
+    state = train_state(model, [{"text": "WEATHER. Oslo: snowy, -3 C. END."}] * 4, TrainConfig(steps=2, micro_bsz=2))
+    assert state.base_model_sha256 == read_spec(copy).sha256 and state.metadata["base_model_name"] == copy.stem
+    result = CliRunner().invoke(cli, ["info", str(copy)])
+    assert result.exit_code == 0 and "checkpoint" in result.output and "v5.2" in result.output, result.output
+
+
+def test_a_damaged_safetensors_model_is_one_line(tmp_path):
+    copy = as_safetensors(example_model("tiny-rwkv-5v2-730K.pth"), tmp_path, "fp16")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(copy.read_bytes()[: copy.stat().st_size // 2])
+    with pytest.raises(InvalidCheckpointError, match=r"^.*cut.safetensors: not a valid safetensors file \(") as e:
+        read_spec(cut)
+    assert "\n" not in str(e.value)
