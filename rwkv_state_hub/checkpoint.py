@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidCheckpointError, StateHubError
-from .files import sha256_file
+from .files import sha1_file, sha256_file
 
 ARCHITECTURES = ("v5.2", "v6", "v7")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -61,6 +61,11 @@ class ModelSpec:
         if self._sha256 is not None:
             return self._sha256
         return sha256_file(self.path) if self.path else None
+
+    @cached_property
+    def sha1(self) -> str | None:
+        """sha1 of the whole file, computed with the sha256: web-rwkv's converter records it of its source .pth."""
+        return sha1_file(self.path) if self.path else None
 
     def dims(self) -> str:
         """'12 layers x 12 heads x 64': the shape a state must have, in words."""

@@ -167,24 +167,36 @@ def cache_dir() -> Path:
     return base
 
 
-def _hash_stream(path: Path, size: int) -> str:
-    h = hashlib.sha256()
+def _hash_stream(path: Path, size: int) -> dict[str, str]:
+    """sha256 and sha1 of a file in one read (sha1: what web-rwkv's converter records of its source .pth)."""
+    hashes = {"sha256": hashlib.sha256(), "sha1": hashlib.sha1()}  # noqa: S324 - an identity others record, not security
     from tqdm.auto import tqdm  # here, not at the top: the CLI's --help imports this module
 
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=size < _PROGRESS_FROM)
     try:
         with open(path, "rb") as f, bar:
             while chunk := f.read(_CHUNK):
-                h.update(chunk)
+                for h in hashes.values():
+                    h.update(chunk)
                 bar.update(len(chunk))
     except OSError as e:
         raise FileAccessError(f"{path}: cannot read ({e.strerror})") from None
-    return h.hexdigest()
+    return {name: h.hexdigest() for name, h in hashes.items()}
 
 
 def sha256_file(path: str | os.PathLike, use_cache: bool = True) -> str:
     """sha256 of a whole file, streamed; cached by (absolute path, size, mtime) so a 15 GB
     checkpoint is hashed once, not on every run."""
+    return file_digests(path, use_cache)["sha256"]
+
+
+def sha1_file(path: str | os.PathLike, use_cache: bool = True) -> str:
+    """sha1 of a whole file (computed and cached with its sha256)."""
+    return file_digests(path, use_cache)["sha1"]
+
+
+def file_digests(path: str | os.PathLike, use_cache: bool = True) -> dict[str, str]:
+    """{"sha256": ..., "sha1": ...} of a whole file, streamed once; cached by (absolute path, size, mtime)."""
     path = Path(path).resolve()
     try:
         st = path.stat()
@@ -202,11 +214,12 @@ def sha256_file(path: str | os.PathLike, use_cache: bool = True) -> str:
         if not isinstance(cache, dict):
             cache = {}
         hit = cache.get(key)
-        if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and isinstance(hit.get("sha256"), str):
-            return hit["sha256"]
+        if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and \
+                all(isinstance(hit.get(name), str) for name in ("sha256", "sha1")):
+            return {name: hit[name] for name in ("sha256", "sha1")}
     digest = _hash_stream(path, st.st_size)
     if use_cache:
-        cache[key] = {**stamp, "sha256": digest}
+        cache[key] = {**stamp, **digest}
         try:
             atomic_write_bytes(cache_file, json.dumps(cache, indent=0, sort_keys=True).encode())
         except (OSError, StateHubError):

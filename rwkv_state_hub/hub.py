@@ -269,7 +269,8 @@ def _state_identity(state: State, model, force: bool, token: str | None,
         if not force:
             raise ModelMismatchError(f"{problem} (pass {option('force', True)} to push it anyway)")
         warnings.append(problem)
-    meta = {**state.metadata, "base_model_sha256": base.sha256, "base_model_name": base.name,
+    sha1 = state.metadata.get("base_model_sha1") if state.base_model_sha256 == base.sha256 else None
+    meta = {**state.metadata, "base_model_sha256": base.sha256, "base_model_sha1": sha1, "base_model_name": base.name,
             "base_model_size": base.size, "base_model_repo": base.repo, "base_model_file": base.file}
     return State(state.wkv, state.shift, meta, state.source), base, warnings
 

@@ -31,8 +31,9 @@ MAX_JSON_DEPTH = 16  # our own files nest 4 deep (metadata -> training -> parent
 # the keys we read from a state's metadata, and their JSON types (null = absent); other keys pass untouched
 METADATA_TYPES: dict[str, type] = {
     "arch": str, "n_layer": int, "n_embd": int, "n_head": int, "head_size": int, "tokenizer": str,
-    "base_model_sha256": str, "base_model_name": str, "base_model_size": int, "base_model_repo": str,
-    "base_model_file": str, "format_version": int, "created_with": str, "merged_into": str, "training": dict,
+    "base_model_sha256": str, "base_model_sha1": str, "base_model_name": str, "base_model_size": int,
+    "base_model_repo": str, "base_model_file": str, "format_version": int, "created_with": str, "merged_into": str,
+    "training": dict,
 }
 TRAINING_TYPES: dict[str, type] = {
     "method": str, "which": str, "steps": int, "tokens_seen": int, "best_val_loss": float, "final_val_loss": float,
@@ -272,7 +273,8 @@ def for_model(spec: ModelSpec) -> dict[str, Any]:
         "head_size": spec.head_size,
     }
     if spec.path:
-        meta.update(base_model_sha256=spec.sha256, base_model_name=spec.name, base_model_size=spec.file_size)
+        meta.update(base_model_sha256=spec.sha256, base_model_sha1=spec.sha1, base_model_name=spec.name,
+                    base_model_size=spec.file_size)
     return meta
 
 

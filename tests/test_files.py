@@ -143,7 +143,8 @@ def test_sha256_matches_hashlib(cache, data_file):
     assert sha256_file(data_file) == _sha(data_file)
     entry = json.loads(cache.read_text())[str(data_file.resolve())]
     st = data_file.stat()
-    assert entry == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha(data_file)}
+    sha1 = hashlib.sha1(data_file.read_bytes()).hexdigest()
+    assert entry == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha(data_file), "sha1": sha1}
 
 
 def test_sha256_empty_file(cache, tmp_path):
@@ -218,7 +219,8 @@ def test_sha256_without_cache_never_touches_cache(cache, data_file, monkeypatch)
 
     # a cache entry with the right stamp but a wrong hash: use_cache=False must not read it...
     st = data_file.stat()
-    planted = {str(data_file.resolve()): {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": "0" * 64}}
+    planted = {str(data_file.resolve()): {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": "0" * 64,
+                                          "sha1": "0" * 40}}
     cache.parent.mkdir()
     cache.write_text(json.dumps(planted))
     before = cache.stat().st_mtime_ns

@@ -64,3 +64,21 @@ def test_a_damaged_safetensors_model_is_one_line(tmp_path):
     with pytest.raises(InvalidCheckpointError, match=r"^.*cut.safetensors: not a valid safetensors file \(") as e:
         read_spec(cut)
     assert "\n" not in str(e.value)
+
+
+def test_states_record_the_base_files_sha1_beside_its_sha256(tmp_path, monkeypatch):
+    """web-rwkv's converter records the SHA-1 of its source .pth in the .st it writes: our states record it too
+    (hashed in the same read as the sha256, and cached with it)."""
+    import hashlib
+
+    from rwkv_state_hub import files
+
+    pth = example_model("tiny-rwkv-5v2-730K.pth")
+    data = pth.read_bytes()
+    spec = read_spec(pth)
+    assert (spec.sha256, spec.sha1) == (hashlib.sha256(data).hexdigest(), hashlib.sha1(data).hexdigest())
+    monkeypatch.setattr(files, "_hash_stream", lambda *a: pytest.fail("hashed again instead of the cache"))
+    assert files.file_digests(pth) == {"sha256": spec.sha256, "sha1": spec.sha1}
+    from rwkv_state_hub.state import State
+
+    assert State.zeros(spec).metadata["base_model_sha1"] == spec.sha1
