@@ -259,6 +259,9 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations (less memory).")
 @click.option("--memory-budget", type=float,
               help="Peak memory in GiB (CPU): recompute as many layers as that needs.  [default: what is free]")
+@click.option("--time-chunk", type=int,
+              help="Exact long context: run forward and backward this many tokens at a time (memory of one chunk, "
+                   "the full gradient).  [default: the whole sample]")
 @click.option("--full-state/--no-full-state", default=None, help="Also learn the token-shift states.")
 @click.option("--state-encoder/--no-state-encoder", default=None,
               help="Learn the state through a per-layer MLP (training only; the saved state is plain).")

@@ -81,6 +81,12 @@ class Batch:
         return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device),
                      self.mask.to(device), self.n_trained)
 
+    def window(self, start: int, stop: int) -> Batch:
+        """Positions start..stop-1 of every sequence (a chunk in time, for exact long-context training)."""
+        loss_mask = self.loss_mask[:, start:stop]
+        return Batch(self.inputs[:, start:stop], self.targets[:, start:stop], loss_mask, self.mask[:, start:stop],
+                     int(loss_mask.sum()))
+
 
 def collate(samples: list[Sample]) -> Batch:
     """Right-pad samples of different lengths into one batch; padding is never an input the loss sees."""

@@ -79,3 +79,41 @@ def token_losses(model, batch, state) -> Tensor:
     """Cross-entropy at every position [B, T] (padding included: mask it with batch.loss_mask)."""
     hidden, _ = model.hidden(batch.inputs, state, batch.mask)
     return _FrozenHeadLoss.apply(hidden, model.head.weight, batch.targets, batch.loss_mask, False)[2]
+
+
+def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0) -> Tensor:
+    """The loss sum of `batch` from `state`, and its exact gradient (times `scale`) sent back through `state`,
+    with forward and backward run `chunk` positions at a time: the activations of one chunk exist at once,
+    whatever the length of the samples. Not truncated backpropagation: every position's loss reaches the state.
+
+    1. A forward pass without a graph keeps the recurrent state at each chunk boundary (all layers).
+    2. From the last chunk back: rerun the chunk from its boundary state with a graph, and backward its loss
+       together with the gradient the later chunks sent to its final state; the gradient of its initial state
+       goes on to the chunk before. The first chunk starts from `state` itself, so the gradient reaches
+       whatever made it (the learned state). Returns the loss sum, detached."""
+    from .model.common import RecurrentState
+
+    starts = list(range(0, batch.inputs.shape[1], chunk))
+    boundaries = []
+    with torch.no_grad():
+        s = state.detach()
+        for t in starts:
+            boundaries.append(s)
+            _, s = model.hidden(batch.inputs[:, t : t + chunk], s, batch.mask[:, t : t + chunk])
+    total = torch.zeros((), dtype=torch.float64)
+    carried: tuple[Tensor, ...] | None = None  # d loss(later chunks) / d (this chunk's final state)
+    for i in reversed(range(len(starts))):
+        part = batch.window(starts[i], starts[i] + chunk)
+        start = state if i == 0 else RecurrentState(*(t.clone().requires_grad_() for t in boundaries[i].tensors()))
+        hidden, final = model.hidden(part.inputs, start, part.mask)
+        loss, _ = head_loss(hidden, model.head, part.targets, part.loss_mask.to(hidden.dtype))
+        outputs, grads = [loss * scale], [torch.ones_like(loss)]
+        if carried is not None:
+            pairs = [(t, g) for t, g in zip(final.tensors(), carried, strict=True) if t.requires_grad]
+            outputs += [t for t, _ in pairs]
+            grads += [g for _, g in pairs]
+        torch.autograd.backward(outputs, grads)
+        total += loss.detach().double().cpu()
+        if i > 0:
+            carried = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in start.tensors())
+    return total

@@ -55,6 +55,7 @@ class TrainConfig:
     precision: str = "fp32"
     grad_checkpoint: bool = False
     memory_budget: float | None = None  # GiB of peak RSS (CPU); None: recompute only if RAM would run out
+    time_chunk: int | None = None  # exact long context: forward/backward this many tokens at a time (None: whole)
     full_state: bool = False
     state_encoder: bool = False  # learn the state through a per-layer MLP (training only)
     encoder_lr_scale: float = 0.03  # the encoder's learning rate relative to lr_init
@@ -224,6 +225,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], str | None] | None]] = {
     "precision": ("text", _one_of(PRECISIONS)),
     "grad_checkpoint": ("bool", None),
     "memory_budget": ("number?", _between(0, low_open=True, hint=lambda: " GiB")),
+    "time_chunk": ("int?", _between(16, INT_MAX, hint=lambda: " tokens")),
     "full_state": ("bool", None),
     "state_encoder": ("bool", None),
     "encoder_lr_scale": ("number", _between(0, low_open=True)),

@@ -119,7 +119,8 @@ def recompute_layers(model: RWKV, cfg: TrainConfig, device: torch.device) -> int
     if device.type != "cpu":
         return 0
     budget = cfg.memory_budget * 2**30 if cfg.memory_budget is not None else memory.default_budget()
-    return 0 if budget is None else memory.plan_recompute(model, cfg.micro_bsz, cfg.ctx_len, budget)
+    tokens = min(cfg.ctx_len, cfg.time_chunk or cfg.ctx_len)  # a time chunk's activations exist at once, no more
+    return 0 if budget is None else memory.plan_recompute(model, cfg.micro_bsz, tokens, budget)
 
 
 def use_cuda_kernels(cfg: TrainConfig, device: torch.device) -> bool:
@@ -249,7 +250,7 @@ def _loop(run: _Run, total: int, stop: dict, show: bool) -> None:
             lr = lr_at(p.step, total, cfg)
             set_lr(run.opt, lr)
             micro = rank_batches(run.inputs.data, p.step, cfg, run.ddp, run.device)
-            r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip)
+            r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip, time_chunk=cfg.time_chunk)
             if r.problem is not None:
                 raise run.diverged(p.step + 1, r.problem)
             p.step, p.tokens = p.step + 1, p.tokens + r.tokens

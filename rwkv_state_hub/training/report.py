@@ -55,7 +55,7 @@ def _time_one_step(model, cfg: TrainConfig, inputs: Inputs, device: torch.device
         learned, opt = new_learned(cfg, model.spec, device, model.ln_out.weight.dtype)
         micro = rank_batches(inputs.data, 0, cfg, SINGLE, device)
         started = time.perf_counter()
-        r = train_step(model, learned, opt, micro, SINGLE, cfg.grad_clip)
+        r = train_step(model, learned, opt, micro, SINGLE, cfg.grad_clip, time_chunk=cfg.time_chunk)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return max(time.perf_counter() - started, 1e-9), r.tokens
@@ -70,7 +70,7 @@ def _memory_bytes(cfg: TrainConfig, inputs: Inputs, spec) -> int:
     (measured, v6 and v7), and one chunk of logits (see model.memory for the exact probe)."""
     data = inputs.data
     longest = max(len(data[i].tokens) for i in range(min(len(data), 1000))) - 1
-    B, T, C, L = cfg.micro_bsz, min(cfg.ctx_len, longest), spec.n_embd, spec.n_layer
+    B, T, C, L = cfg.micro_bsz, min(cfg.ctx_len, longest, cfg.time_chunk or longest), spec.n_embd, spec.n_layer
     act_bytes = B * T * L * C * 52 * 4 // (L if cfg.grad_checkpoint else 1) + 2 * HEAD_CHUNK_BYTES
     return _weight_bytes(cfg, spec) + act_bytes
 

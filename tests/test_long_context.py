@@ -1,0 +1,91 @@
+"""Exact long-context state tuning: forward and backward `chunk` positions at a time (loss.chunked_backward) give
+the gradient of the full backward pass, through masks, token shift and every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS
+
+from rwkv_state_hub.data import Sample, collate
+from rwkv_state_hub.examples import example_model
+from rwkv_state_hub.loss import batch_loss, chunked_backward
+from rwkv_state_hub.model import LearnedState, load_model
+
+
+def _batch(vocab: int, lengths: tuple[int, ...], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for n in lengths:
+        tokens = torch.randint(0, vocab, (n,), generator=g).tolist()
+        mask = [0] * (n // 3) + [1] * (n - n // 3)  # an untrained prompt, then trained tokens
+        samples.append(Sample(tokens, mask, f"sample of {n}"))
+    return collate(samples)
+
+
+def _learned(spec, seed: int) -> LearnedState:
+    learned = LearnedState(spec, full_state=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in learned.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return learned
+
+
+def _grads(model, learned, batch, chunk: int | None) -> tuple[float, list[torch.Tensor]]:
+    learned.zero_grad(set_to_none=True)
+    if chunk is None:
+        loss, _ = batch_loss(model, batch, learned())
+        (loss * 0.5).backward()
+        total = float(loss.detach())
+    else:
+        total = float(chunked_backward(model, batch, learned(), chunk, scale=0.5))
+    return total, [p.grad.clone() for p in learned.parameters()]
+
+
+def _check(model, chunk: int, lengths: tuple[int, ...]):
+    batch = _batch(model.spec.vocab_size, lengths, seed=1)
+    learned = _learned(model.spec, seed=2)
+    full_loss, full = _grads(model, learned, batch, None)
+    loss, chunked = _grads(model, learned, batch, chunk)
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    for a, b in zip(chunked, full, strict=True):
+        assert float(b.abs().max()) > 0  # the gradient is not trivially zero
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))  # fp32 summation order
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_gradient_equals_the_full_backward_on_random_models(random_models, arch):
+    model = load_model(random_models[arch])
+    _check(model, chunk=7, lengths=(41, 23))  # chunks that split samples, a sample ending mid-chunk, padding
+
+
+@pytest.mark.parametrize("name", ["tiny-rwkv-5v2-730K.pth", "tiny-rwkv-7v0-834K.pth", "rwkv7-example-L4-D256.pth"])
+def test_chunked_gradient_equals_the_full_backward_on_real_models(name):
+    _check(load_model(example_model(name), dtype=torch.float32), chunk=16, lengths=(70, 33, 50))
+
+
+def test_a_chunk_longer_than_the_batch_is_the_plain_backward(random_models):
+    _check(load_model(random_models["v7"]), chunk=1000, lengths=(30,))
+
+
+def test_training_with_time_chunks_learns_the_same_state():
+    """time_chunk changes how the gradient is computed, not what it is: two steps with and without it give
+    the same state (to fp32 rounding)."""
+    from rwkv_state_hub import RWKV, TrainConfig, train_state
+
+    model = RWKV.from_pretrained(example_model("tiny-rwkv-7v0-834K.pth"))
+    records = [{"text": "WEATHER. Oslo: snowy, -3 C, calm. Wear boots. END. " * 3}] * 4
+    settings = dict(steps=2, micro_bsz=2, ctx_len=128, full_state=True, lr_init=0.1)
+    plain = train_state(model, records, TrainConfig(**settings), progress=False)
+    chunked = train_state(model, records, TrainConfig(**settings, time_chunk=32), progress=False)
+    assert not torch.equal(plain.wkv, torch.zeros_like(plain.wkv))
+    torch.testing.assert_close(chunked.wkv, plain.wkv, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chunked.shift, plain.shift, rtol=1e-4, atol=1e-6)
+
+
+def test_time_chunk_is_validated():
+    from rwkv_state_hub import InvalidOptionError, TrainConfig
+
+    with pytest.raises(InvalidOptionError, match="time_chunk=8: must be at least 16"):
+        TrainConfig(time_chunk=8).validate()
