@@ -63,6 +63,16 @@ class ModelSpec:
         return sha256_file(self.path) if self.path else None
 
     @cached_property
+    def fingerprint(self) -> str | None:
+        """The weights fingerprint (fingerprint.py): equal for every file form and dtype of the same weights.
+        Computed from the file once (a few seconds for 0.1B), then cached by path, size and mtime."""
+        if not self.path:
+            return None
+        from .fingerprint import file_fingerprint
+
+        return file_fingerprint(self.path)
+
+    @cached_property
     def sha1(self) -> str | None:
         """sha1 of the whole file, computed with the sha256: web-rwkv's converter records it of its source .pth."""
         return sha1_file(self.path) if self.path else None
@@ -312,6 +322,15 @@ def _expected_shapes(arch: str, layer: int, C: int, H: int, N: int, F: int) -> d
     return shapes
 
 
+def expected_tensors(arch: str, n_layer: int, C: int, H: int, N: int, F: int, vocab: int) -> dict[str, tuple]:
+    """Every tensor the model uses, by its official name, with its shape (None = a free LoRA dimension)."""
+    expected = {"emb.weight": (vocab, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
+                "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (vocab, C)}
+    for layer in range(n_layer):
+        expected.update(_expected_shapes(arch, layer, C, H, N, F))
+    return expected
+
+
 def _shape_ok(actual: torch.Size, expected: tuple) -> bool:
     if len(expected) == 1:  # vectors are stored as [C] or [1, 1, C]: compare the squeezed shape
         return [d for d in actual if d != 1] == [d for d in expected if d != 1] or tuple(actual) == expected
@@ -346,11 +365,7 @@ def spec_from_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike | 
     if H * N != C:
         raise InvalidCheckpointError(f"{where}: {H} heads x {N} does not match n_embd {C}")
     F = sd["blocks.0.ffn.key.weight"].shape[0] if "blocks.0.ffn.key.weight" in sd else 0
-    expected = {"emb.weight": (vocab, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
-                "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (vocab, C)}
-    for layer in range(n_layer):
-        expected.update(_expected_shapes(arch, layer, C, H, N, F))
-    for key, shape in expected.items():
+    for key, shape in expected_tensors(arch, n_layer, C, H, N, F, vocab).items():
         if key not in sd:
             raise InvalidCheckpointError(f"{where}: {arch} checkpoint is missing {key}")
         t = sd[key]

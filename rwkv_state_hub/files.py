@@ -167,6 +167,34 @@ def cache_dir() -> Path:
     return base
 
 
+def cached_by_stamp(path: str | os.PathLike, name: str, compute: Callable[[], str]) -> str:
+    """compute() for a file, remembered in cache_dir()/<name>.json by (absolute path, size, mtime): a value that
+    takes reading the whole file (a fingerprint) is computed once per file version. An unreadable or read-only
+    cache only costs the computation."""
+    path = Path(path).resolve()
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise FileAccessError(f"{path}: cannot read ({e.strerror})") from None
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache_file = cache_dir() / f"{name}.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    hit = cache.get(str(path))
+    if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and isinstance(hit.get("value"), str):
+        return hit["value"]
+    value = compute()
+    cache[str(path)] = {**stamp, "value": value}
+    try:
+        atomic_write_bytes(cache_file, json.dumps(cache, indent=0, sort_keys=True).encode())
+    except (OSError, StateHubError):
+        pass
+    return value
+
+
 def _hash_stream(path: Path, size: int) -> dict[str, str]:
     """sha256 and sha1 of a file in one read (sha1: what web-rwkv's converter records of its source .pth)."""
     hashes = {"sha256": hashlib.sha256(), "sha1": hashlib.sha1()}  # noqa: S324 - an identity others record, not security

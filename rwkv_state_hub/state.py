@@ -31,9 +31,9 @@ MAX_JSON_DEPTH = 16  # our own files nest 4 deep (metadata -> training -> parent
 # the keys we read from a state's metadata, and their JSON types (null = absent); other keys pass untouched
 METADATA_TYPES: dict[str, type] = {
     "arch": str, "n_layer": int, "n_embd": int, "n_head": int, "head_size": int, "tokenizer": str,
-    "base_model_sha256": str, "base_model_sha1": str, "base_model_name": str, "base_model_size": int,
-    "base_model_repo": str, "base_model_file": str, "format_version": int, "created_with": str, "merged_into": str,
-    "training": dict,
+    "base_model_sha256": str, "base_model_sha1": str, "base_model_fingerprint": str, "base_model_name": str,
+    "base_model_size": int, "base_model_repo": str, "base_model_file": str, "format_version": int,
+    "created_with": str, "merged_into": str, "training": dict,
 }
 TRAINING_TYPES: dict[str, type] = {
     "method": str, "which": str, "steps": int, "tokens_seen": int, "best_val_loss": float, "final_val_loss": float,
@@ -158,7 +158,7 @@ class State:
         identity = self._identity_problem(spec)
         if identity and not force:
             raise ModelMismatchError(f"{identity} (pass {option('force', True)} to use it anyway)")
-        return [identity] if identity else []
+        return [identity] if identity else self._identity_note(spec)
 
     def problems(self, spec: ModelSpec, identity: bool = True) -> list[str]:
         """Every way this state does not fit `spec`, one line each; [] when it fits. With identity=False, only
@@ -194,14 +194,32 @@ class State:
         if problem:
             raise InvalidStateError(f"{problem}; not writing it")
 
-    def _identity_problem(self, spec: ModelSpec) -> str | None:
-        """A message if this state records another base model (by sha256) than `spec`'s file."""
+    def identity(self, spec: ModelSpec) -> str:
+        """How the base model this state records relates to `spec`'s file: "same file" (sha256), "same weights"
+        (the weights fingerprint: the same model in another file form or dtype), "another model", or "unknown"
+        (the state records no base model, or `spec` has no file)."""
         want = self.base_model_sha256
-        if want and spec.sha256 and want != spec.sha256:
-            made_for = self.metadata.get("base_model_name") or "another model"
-            return (f"{self.source}: made for {made_for} (sha256 {want[:12]}), "
-                    f"but {spec.name} has sha256 {spec.sha256[:12]}")
-        return None
+        if not want or not spec.sha256:
+            return "unknown"
+        if want == spec.sha256:
+            return "same file"
+        recorded = self.metadata.get("base_model_fingerprint")
+        return "same weights" if recorded and recorded == spec.fingerprint else "another model"
+
+    def _identity_problem(self, spec: ModelSpec) -> str | None:
+        """A message if this state records another base model (by sha256 and by fingerprint) than `spec`'s."""
+        if self.identity(spec) != "another model":
+            return None
+        made_for = self.metadata.get("base_model_name") or "another model"
+        return (f"{self.source}: made for {made_for} (sha256 {self.base_model_sha256[:12]}), "
+                f"but {spec.name} has sha256 {spec.sha256[:12]} and other weights")
+
+    def _identity_note(self, spec: ModelSpec) -> list[str]:
+        if self.identity(spec) != "same weights":
+            return []
+        made_for = self.metadata.get("base_model_name") or "its base model"
+        return [f"{self.source}: made for {made_for}; {spec.name} holds the same weights in another file "
+                f"({self.metadata['base_model_fingerprint'][:20]}...)"]
 
     def to_recurrent(self, batch: int = 1, device: str | torch.device = "cpu"):
         """The model's runtime state for a batch, every sequence starting from this state."""
@@ -274,7 +292,7 @@ def for_model(spec: ModelSpec) -> dict[str, Any]:
     }
     if spec.path:
         meta.update(base_model_sha256=spec.sha256, base_model_sha1=spec.sha1, base_model_name=spec.name,
-                    base_model_size=spec.file_size)
+                    base_model_size=spec.file_size, base_model_fingerprint=spec.fingerprint)
     return meta
 
 

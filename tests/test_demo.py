@@ -121,7 +121,7 @@ def state_folder(tmp_path_factory) -> Path:
     spec = read_spec(MODEL)
     save_native(random_state_like(spec, seed=1, scale=0.5), folder / "random-fit.safetensors")
     other = random_state_like(spec, seed=2)
-    other.metadata["base_model_sha256"] = "0" * 64
+    other.metadata.update(base_model_sha256="0" * 64, base_model_fingerprint=None)
     save_native(other, folder / "other-model.safetensors")
     save_pth(State(torch.zeros(12, 1, 64, 64)), folder / "wrong-shape.pth")
     (folder / "notes.pth").write_text("not a state")
@@ -206,7 +206,8 @@ def test_bad_uploads_get_a_message_on_the_page(app, tmp_path):
     (tmp_path / "hello.txt").write_text("hello")
     save_pth(State(torch.zeros(12, 1, 64, 64)), tmp_path / "v7-shaped.pth")
     other = random_state_like(spec, seed=3)
-    other.metadata.update(base_model_sha256="ab" * 32, base_model_name="RWKV-x060-World-1B6")
+    other.metadata.update(base_model_sha256="ab" * 32, base_model_name="RWKV-x060-World-1B6",
+                          base_model_fingerprint=None)
     save_native(other, tmp_path / "for-another.safetensors")
     (tmp_path / "huge.pth").write_bytes(b"\x80" + bytes(2 << 20))
 

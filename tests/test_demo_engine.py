@@ -151,7 +151,8 @@ def test_upload_messages_name_the_file_not_its_path(engine, tmp_path):
         engine.load_upload(junk, new_session(), name="mine.pth")
     assert str(e.value) == "mine.pth: neither safetensors nor a PyTorch file" and str(tmp_path) not in str(e.value)
     other = random_state_like(spec, seed=3)
-    other.metadata.update(base_model_sha256="ab" * 32, base_model_name="RWKV-x060-World-1B6")
+    other.metadata.update(base_model_sha256="ab" * 32, base_model_name="RWKV-x060-World-1B6",
+                          base_model_fingerprint=None)
     save_native(other, junk)
     with pytest.raises(ModelMismatchError, match="^theirs.safetensors: made for RWKV-x060-World-1B6"):
         engine.load_upload(junk, new_session(), name="theirs.safetensors")

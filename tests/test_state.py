@@ -161,10 +161,11 @@ def test_other_base_model_is_refused_unless_forced(specs):
     spec = specs["v6"]
     other = "ab" * 32
     state = random_state_like(spec, seed=3)
-    state.metadata.update(base_model_sha256=other, base_model_name="RWKV-x060-World-1B6")
+    state.metadata.update(base_model_sha256=other, base_model_name="RWKV-x060-World-1B6",
+                          base_model_fingerprint="rwkvfp1:" + "cd" * 32)
     state.source = "s.st"
     expected = (f"s.st: made for RWKV-x060-World-1B6 (sha256 {other[:12]}), "
-                f"but random-v6 has sha256 {spec.sha256[:12]}")
+                f"but random-v6 has sha256 {spec.sha256[:12]} and other weights")
     assert state.problems(spec) == [expected]
     msg = refusal(state, spec)
     assert other[:12] in msg and spec.sha256[:12] in msg and "(pass force=True to use it anyway)" in msg
