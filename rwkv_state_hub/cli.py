@@ -512,10 +512,12 @@ def search(model, sha256, limit, as_json, token, endpoint) -> None:
     if not found:
         click.echo("no states found for this base model", err=True)
         return
-    click.echo(f"{'repo':<40} {'arch':<5} {'dims':<28} {'downloads':>9} {'likes':>5}  last modified")
+    click.echo(f"{'repo':<40} {'arch':<5} {'dims':<28} {'made for':<16} {'downloads':>9} {'likes':>5}  "
+               "last modified")
     for r in found:
         when = r.last_modified.strftime("%Y-%m-%d") if r.last_modified else "?"
-        click.echo(f"{r.repo_id:<40} {r.arch or '?':<5} {r.dims or '?':<28} {r.downloads or 0:>9} "
+        made_for = "this file" if r.match == "file" else "same weights"
+        click.echo(f"{r.repo_id:<40} {r.arch or '?':<5} {r.dims or '?':<28} {made_for:<16} {r.downloads or 0:>9} "
                    f"{r.likes or 0:>5}  {when}")
 
 

@@ -52,9 +52,11 @@ from .hub_card import (
     BaseModel,
     build_manifest,
     check_sha256,
+    fingerprint_of,
     hash_tag,
     read_manifest,
     render_card,
+    weights_tag,
 )
 from .plot import plot_losses
 from .state import State
@@ -269,8 +271,10 @@ def _state_identity(state: State, model, force: bool, token: str | None,
         if not force:
             raise ModelMismatchError(f"{problem} (pass {option('force', True)} to push it anyway)")
         warnings.append(problem)
-    sha1 = state.metadata.get("base_model_sha1") if state.base_model_sha256 == base.sha256 else None
-    meta = {**state.metadata, "base_model_sha256": base.sha256, "base_model_sha1": sha1, "base_model_name": base.name,
+    same = state.base_model_sha256 == base.sha256  # else the file's other hashes are unknown here
+    sha1, weights = (state.metadata.get(k) if same else None for k in ("base_model_sha1", "base_model_fingerprint"))
+    meta = {**state.metadata, "base_model_sha256": base.sha256, "base_model_sha1": sha1,
+            "base_model_fingerprint": weights, "base_model_name": base.name,
             "base_model_size": base.size, "base_model_repo": base.repo, "base_model_file": base.file}
     return State(state.wkv, state.shift, meta, state.source), base, warnings
 
@@ -447,6 +451,10 @@ def _check_made_for(repo_id: str, manifest: dict[str, Any], model: str | os.Path
     have = model_identity(spec or model, token=token, endpoint=endpoint)
     if have.sha256 == made_for:
         return spec, []
+    recorded = fingerprint_of(manifest.get("base_model_fingerprint"))
+    if spec is not None and recorded and spec.fingerprint == recorded:
+        return spec, [f"{repo_id}: made for {made_for_name}; {spec.name} holds the same weights in another file "
+                      f"({recorded[:20]}...)"]
     problem = f"{repo_id}: made for {made_for_name} (sha256 {made_for[:12]}), but {have.label} has sha256 " \
               f"{have.sha256[:12]}"
     if not force:
@@ -547,31 +555,44 @@ class StateRecord:
     likes: int | None
     last_modified: datetime | None
     private: bool | None
+    match: str = "file"  # "file": made for this very file (sha256); "weights": for another file of the same weights
 
 
 def search(model: str | os.PathLike | ModelSpec | None = None, *, sha256: str | None = None,
            token: str | None = None, endpoint: str | None = None, limit: int = 100) -> list[StateRecord]:
     """The states made for exactly one base model (a local file, hf://owner/repo/file.pth, a ModelSpec, or its
-    sha256), through the Hub's own search on the hash tag."""
+    sha256), through the Hub's own search on the hash tag; for a local model also on its weights tag, which
+    finds the states made for any other file form of the same weights (`match` says which)."""
     endpoint = _endpoint(endpoint)
     if (model is None) == (sha256 is None):
         raise InvalidOptionError(f"search needs exactly one of {option('model')} and {option('sha256')}")
     digest = check_sha256(sha256) if sha256 is not None else model_identity(model, token=token,
                                                                             endpoint=endpoint).sha256
-    tag = hash_tag(digest)
-    with _hub_errors("search", token):
-        found = list(HfApi(endpoint=endpoint).list_models(
-            filter=tag, limit=limit, token=token,
-            expand=["cardData", "downloads", "likes", "lastModified", "private", "tags"]))
-    records = []
-    for info in found:
-        if tag not in (info.tags or []):
-            continue  # the Hub's filter said so, but the card no longer does
-        card = info.card_data.to_dict() if info.card_data is not None else {}
-        meta = card.get("rwkv_state") if isinstance(card.get("rwkv_state"), dict) else {}
-        dims = None
-        if all(isinstance(meta.get(k), int) for k in ("n_layer", "n_head", "head_size")):
-            dims = f"{meta['n_layer']} layers x {meta['n_head']} heads x {meta['head_size']}"
-        records.append(StateRecord(info.id, meta.get("arch"), dims, digest, info.downloads, info.likes,
-                                   info.last_modified, info.private))
-    return records
+    tags = {hash_tag(digest): "file"}
+    spec = model if isinstance(model, ModelSpec) else None
+    if model is not None and spec is None and parse_hf_url(str(model)) is None:
+        spec = read_spec(model)
+    if spec is not None and spec.fingerprint:
+        tags[weights_tag(spec.fingerprint)] = "weights"
+    records: dict[str, StateRecord] = {}
+    for tag, match in tags.items():
+        with _hub_errors("search", token):
+            found = list(HfApi(endpoint=endpoint).list_models(
+                filter=tag, limit=limit, token=token,
+                expand=["cardData", "downloads", "likes", "lastModified", "private", "tags"]))
+        for info in found:
+            if tag in (info.tags or []) and info.id not in records:  # the card, not only the Hub's index, says so
+                records[info.id] = _record(info, digest, match)
+    return list(records.values())
+
+
+def _record(info, digest: str, match: str) -> StateRecord:
+    card = info.card_data.to_dict() if info.card_data is not None else {}
+    meta = card.get("rwkv_state") if isinstance(card.get("rwkv_state"), dict) else {}
+    dims = None
+    if all(isinstance(meta.get(k), int) for k in ("n_layer", "n_head", "head_size")):
+        dims = f"{meta['n_layer']} layers x {meta['n_head']} heads x {meta['head_size']}"
+    made_for = meta.get("base_model_sha256") if match == "weights" else digest
+    made_for = made_for if isinstance(made_for, str) else digest
+    return StateRecord(info.id, meta.get("arch"), dims, made_for, info.downloads, info.likes, info.last_modified,
+                       info.private, match)

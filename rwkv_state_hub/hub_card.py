@@ -29,14 +29,16 @@ EXPORT_FORMATS = {"native": "safetensors", "pth": "pth", "ai00": "ai00"}
 ROLE_OF_FORMAT = {fmt: role for role, fmt in EXPORT_FORMATS.items()}
 LOSS_PLOT = "loss.png"
 HASH_TAG_PREFIX = "base-sha256:"
+WEIGHTS_TAG_PREFIX = "base-weights:"  # + the fingerprint's hex: the same tag on every file form of the weights
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_FINGERPRINT = re.compile(r"^rwkvfp1:[0-9a-f]{64}$")
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_MANIFEST_FILES = 16  # native, pth, ai00, plot today
 MAX_NAME_BYTES = 255  # what a file system takes as one name
 MANIFEST_TYPES: dict[str, type] = {
     "format": str, "format_version": int, "created_with": str, "arch": str, "n_layer": int, "n_embd": int,
-    "n_head": int, "head_size": int, "token_shift": bool, "base_model_sha256": str, "base_model": dict,
-    "files": dict, "training": dict,
+    "n_head": int, "head_size": int, "token_shift": bool, "base_model_sha256": str, "base_model_fingerprint": str,
+    "base_model": dict, "files": dict, "training": dict,
 }
 BASE_MODEL_TYPES: dict[str, type] = {"sha256": str, "name": str, "size": int, "repo": str, "file": str}
 FILE_ENTRY_TYPES: dict[str, type] = {"path": str, "size": int, "sha256": str}
@@ -71,6 +73,16 @@ def check_sha256(text: str, what: str | None = None) -> str:
     return value
 
 
+def weights_tag(fingerprint: str) -> str:
+    """The Hub tag that carries a base model's weights fingerprint (what search also filters on)."""
+    return WEIGHTS_TAG_PREFIX + fingerprint.removeprefix("rwkvfp1:")
+
+
+def fingerprint_of(value: object) -> str | None:
+    """A recorded fingerprint, if it is one (a stranger's manifest may hold anything there)."""
+    return value if isinstance(value, str) and _FINGERPRINT.match(value) else None
+
+
 def hash_tag(sha256: str) -> str:
     """The Hub tag that carries a base model's hash (what search filters on)."""
     return HASH_TAG_PREFIX + check_sha256(sha256)
@@ -93,6 +105,7 @@ def build_manifest(state: State, base: BaseModel, files: dict[str, Path]) -> dic
         "head_size": state.head_size,
         "token_shift": state.shift is not None,
         "base_model_sha256": base.sha256,
+        "base_model_fingerprint": fingerprint_of(state.metadata.get("base_model_fingerprint")),
         "base_model": base.to_dict(),
         "files": {role: {"path": path.name, "sha256": sha256_file(path, use_cache=False), "size": path.stat().st_size}
                   for role, path in files.items()},
@@ -235,7 +248,8 @@ def render_card(repo_id: str, state: State, manifest: dict[str, Any], base: Base
     data = ModelCardData(
         base_model=base.repo,
         library_name="rwkv-state-hub",
-        tags=["rwkv", "rwkv-state", arch_tag(arch), hash_tag(base.sha256)],
+        tags=["rwkv", "rwkv-state", arch_tag(arch), hash_tag(base.sha256)]
+        + ([weights_tag(manifest["base_model_fingerprint"])] if manifest.get("base_model_fingerprint") else []),
         rwkv_state={"arch": arch, "n_layer": state.n_layer, "n_head": state.n_head, "head_size": state.head_size,
                     "base_model_sha256": base.sha256},
     )

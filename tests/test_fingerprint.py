@@ -84,3 +84,33 @@ def test_a_state_fits_every_form_of_its_base_model_and_no_other(tmp_path):
     assert state.identity(read_spec(other)) == "another model"
     with pytest.raises(ModelMismatchError, match="but fine-tune has sha256 .* and other weights"):
         state.check(read_spec(other))
+
+
+def test_the_hub_finds_and_serves_a_state_for_any_form_of_its_weights(hub_server, tmp_path):
+    """push records the fingerprint (manifest, card tag); search --model on another file form of the weights
+    finds the state as made for "same weights"; pull to that file accepts it with a note; other weights: refused."""
+    from conftest import ALICE
+
+    from rwkv_state_hub import pull, push, search
+    from rwkv_state_hub.hub import pull_state
+
+    master = bf16_master("tiny-rwkv-5v2-730K.pth")
+    official = save(master, tmp_path / "official.pth", torch.bfloat16)
+    converted = save(master, tmp_path / "converted.safetensors", torch.float32)
+    other = dict(master)
+    other["blocks.2.ffn.key.weight"] = master["blocks.2.ffn.key.weight"] * 1.1
+    other = save(other, tmp_path / "other.pth", torch.bfloat16)
+    state = State.zeros(read_spec(official), full_state=True)
+    state.wkv.normal_(generator=torch.Generator().manual_seed(0))
+    push(state, "alice/weather", token=ALICE)
+
+    (found,) = search(converted)
+    assert (found.repo_id, found.match) == ("alice/weather", "weights")
+    assert found.base_model_sha256 == read_spec(official).sha256
+    assert [r.match for r in search(official)] == ["file"]
+    assert search(other) == []
+    result = pull_state("alice/weather", converted, output=tmp_path / "s.safetensors")
+    (note,) = result.warnings
+    assert "converted holds the same weights in another file" in note
+    with pytest.raises(ModelMismatchError, match="pass force=True"):
+        pull("alice/weather", other)
