@@ -102,9 +102,9 @@ class ModelSpec:
 
 
 def model_name(path: str | os.PathLike) -> str:
-    """A model file's name without its extension (.pth or .safetensors), as states and cards record it."""
+    """A model file's name without its extension (.pth, .safetensors, .st), as states and cards record it."""
     name = Path(path).name
-    for suffix in (".pth", ".safetensors"):
+    for suffix in (".pth", ".safetensors", ".st"):
         name = name.removesuffix(suffix)
     return name
 
@@ -405,8 +405,15 @@ def raise_if_nonfinite_weights(sd: dict[str, torch.Tensor], where: str | os.Path
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    """Load a checkpoint safely and return its spec with its (memory-mapped) tensors."""
-    sd = load_state_dict(path)
+    """Load a checkpoint safely and return its spec with its (memory-mapped) tensors, under the official names
+    and layouts whatever its form: a `.pth`, safetensors, a web-rwkv/Ai00 `.st`, a Hugging Face RWKV-7 (a file
+    or its folder)."""
+    from .model_forms import hf_weights_file, to_official
+
+    path = Path(path)
+    if path.is_dir():
+        path = hf_weights_file(path)
+    sd = to_official(load_state_dict(path), path)
     return spec_from_state_dict(sd, path), sd
 
 

@@ -10,6 +10,7 @@ from .checkpoint import ModelSpec, load_state_dict, nonfinite_tensors, spec_from
 from .errors import FileAccessError, option
 from .files import sha256_file
 from .formats import _kind, _load
+from .model_forms import to_official
 
 TOKENIZERS = {65536: "world (rwkv_vocab_v20230424)", 256: "bytes"}
 
@@ -37,7 +38,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         raise FileAccessError(f"{path}: no such file")
     out: dict[str, Any] = {"file": str(path), "size": path.stat().st_size}
     _kind(path, str(path))  # neither safetensors nor torch: one line, before anything is read
-    sd = load_state_dict(path)
+    sd = to_official(load_state_dict(path), path)
     if "emb.weight" in sd:  # a model (.pth or safetensors with the official keys); else a state
         spec = spec_from_state_dict(sd, path)
         out.update(kind="checkpoint", **spec.to_dict())

@@ -3,6 +3,7 @@ does, with the same dims and, within the dtype's rounding, the same logits; trai
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import safetensors.torch
 import torch
 from click.testing import CliRunner
 
-from rwkv_state_hub import RWKV, InvalidCheckpointError, TrainConfig, read_spec, train_state
+from rwkv_state_hub import RWKV, InvalidCheckpointError, State, TrainConfig, read_spec, train_state
 from rwkv_state_hub.checkpoint import load_state_dict
 from rwkv_state_hub.examples import example_model
 
@@ -82,3 +83,100 @@ def test_states_record_the_base_files_sha1_beside_its_sha256(tmp_path, monkeypat
     from rwkv_state_hub.state import State
 
     assert State.zeros(spec).metadata["base_model_sha1"] == spec.sha1
+
+
+# ---------------------------------------------------------------- web-rwkv .st and Hugging Face RWKV-7 copies
+# Our own converters, written from the converters' sources (docs/model_forms.md, sections 2.2 and 3.1), to make
+# fixtures: the real ones need the networks and packages these machines do not have.
+
+ST_TRANSPOSED = ("time_mix_w1", "time_mix_w2", "time_decay_w1", "time_decay_w2", "w1", "w2", "a1", "a2", "g1", "g2",
+                 "v1", "v2", "time_state", "lora.0")
+
+
+def as_web_rwkv(sd: dict[str, torch.Tensor], out: Path) -> Path:
+    """web-rwkv's convert_safetensors.py: rename, lower-case, F16, swap the last two dims of the low-rank ones."""
+    converted = {}
+    for key, t in sd.items():
+        name = key.replace("time_faaaa", "time_first").replace("time_maa", "time_mix").lower()
+        t = t.half()
+        if any(x in name for x in ST_TRANSPOSED):
+            t = t.transpose(-1, -2)
+        converted[name] = t.contiguous()
+    safetensors.torch.save_file(converted, out, metadata={"format": "pt"})
+    return out
+
+
+def as_hf_rwkv7(sd: dict[str, torch.Tensor], folder: Path) -> Path:
+    """fla's convert_from_rwkv7.py: the fla-hub names, low-rank matrices transposed, w0/a0/v0 as LoRA biases,
+    k_k / k_a / ffn.x_k squeezed, layer 0's v0/v1/v2 dropped; saved as model.safetensors in a folder."""
+    out = {"model.embeddings.weight": sd["emb.weight"], "lm_head.weight": sd["head.weight"],
+           "model.norm.weight": sd["ln_out.weight"], "model.norm.bias": sd["ln_out.bias"]}
+    renames = {"ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm", "att.receptance.weight": "attn.r_proj.weight",
+               "att.key.weight": "attn.k_proj.weight", "att.value.weight": "attn.v_proj.weight",
+               "att.output.weight": "attn.o_proj.weight", "att.ln_x": "attn.g_norm"}
+    for key, t in sd.items():
+        m = re.match(r"blocks\.(\d+)\.(.*)", key)
+        if not m:
+            continue
+        i, rest = m.groups()
+        lora = re.fullmatch(r"att\.([wavg])([012])", rest)
+        if lora and i == "0" and lora.group(1) == "v":
+            continue  # dropped: layer 0 has no value residual
+        if lora:
+            name, part = lora.groups()
+            key_hf = f"attn.{name}_lora.lora.{'0.weight' if part == '1' else '2.weight' if part == '2' else '2.bias'}"
+            t = t.reshape(-1) if part == "0" else t.t()
+        else:
+            key_hf = next((rest.replace(a, b, 1) for a, b in renames.items() if rest.startswith(a)),
+                          rest.replace("att.", "attn.", 1))
+            t = t.reshape(-1) if rest in ("att.k_k", "att.k_a", "ffn.x_k") else t
+        out[f"model.layers.{i}.{key_hf}"] = t.contiguous()
+    folder.mkdir()
+    safetensors.torch.save_file(out, folder / "model.safetensors")
+    (folder / "config.json").write_text('{"model_type": "rwkv7"}')
+    return folder
+
+
+def _bf16_master(name: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(torch.bfloat16) for k, v in torch.load(example_model(name), weights_only=True).items()}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_web_rwkv_st_copy_is_the_same_model(name, tmp_path):
+    master = _bf16_master(name)
+    official = tmp_path / "official.pth"
+    torch.save(master, official)
+    st = as_web_rwkv(master, tmp_path / "model.st")
+    a, b = read_spec(official), read_spec(st)
+    assert (b.arch, b.n_layer, b.n_embd, b.n_head, b.vocab_size) == \
+           (a.arch, a.n_layer, a.n_embd, a.n_head, a.vocab_size)
+    assert b.fingerprint == a.fingerprint and b.sha256 != a.sha256
+    with torch.no_grad():
+        want = RWKV.from_pretrained(official, dtype=torch.float32)(TOKENS)[0]
+        got = RWKV.from_pretrained(st, dtype=torch.float32)(TOKENS)[0]
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))  # F16 rounding
+
+
+@pytest.mark.parametrize("name", ["tiny-rwkv-7v0-834K.pth", "rwkv7-example-L4-D256.pth"])
+def test_a_hugging_face_rwkv7_copy_is_the_same_model(name, tmp_path):
+    master = _bf16_master(name)
+    official = tmp_path / "official.pth"
+    torch.save(master, official)
+    folder = as_hf_rwkv7(master, tmp_path / "hf")
+    a, b = read_spec(official), read_spec(folder)
+    assert b.fingerprint == a.fingerprint and (b.n_layer, b.head_size) == (a.n_layer, a.head_size)
+    with torch.no_grad():
+        want = RWKV.from_pretrained(official)(TOKENS)[0]
+        got = RWKV.from_pretrained(folder)(TOKENS)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same bf16 values, only renamed and transposed
+    state = State.zeros(a)
+    assert state.identity(b) == "same weights"
+
+
+def test_an_unknown_hugging_face_tensor_is_one_line(tmp_path):
+    folder = as_hf_rwkv7(_bf16_master("tiny-rwkv-7v0-834K.pth"), tmp_path / "hf")
+    sd = safetensors.torch.load_file(folder / "model.safetensors")
+    sd["model.layers.0.attn.mystery"] = torch.zeros(3)
+    safetensors.torch.save_file(sd, folder / "model.safetensors")
+    with pytest.raises(InvalidCheckpointError, match="'model.layers.0.attn.mystery' is not a tensor of a Hugging Face"):
+        read_spec(folder)

@@ -96,12 +96,21 @@ def ai00_loaded_states(ai00_dir: Path, n_layer: int, n_head: int, head_size: int
 # ---------------------------------------------------------------- fixtures
 
 
+ST_TRANSPOSED = ("time_mix_w1", "time_mix_w2", "time_decay_w1", "time_decay_w2", "w1", "w2", "a1", "a2", "g1", "g2",
+                 "v1", "v2", "time_state", "lora.0")
+
+
 def ai00_model(pth: Path, target: Path) -> Path:
-    """An Ai00-style model file: safetensors, F16, web-rwkv's names (time_faaaa -> time_first)."""
+    """Ai00's model file as web-rwkv's convert_safetensors.py writes it from an official (bf16) checkpoint:
+    F16, time_faaaa -> time_first, time_maa -> time_mix, the low-rank matrices' last two dims swapped. (The
+    random models are fp32: rounded to bf16 first, as the official ones are.)"""
     sd = torch.load(pth, map_location="cpu", weights_only=True)
-    renamed = {k.replace("time_faaaa", "time_first").replace("time_maa", "time_mix"): v.half().contiguous()
-               for k, v in sd.items()}
-    save_file(renamed, str(target))
+    converted = {}
+    for key, t in sd.items():
+        name = key.replace("time_faaaa", "time_first").replace("time_maa", "time_mix")
+        t = t.to(torch.bfloat16).half()
+        converted[name] = (t.transpose(-1, -2) if any(x in name for x in ST_TRANSPOSED) else t).contiguous()
+    save_file(converted, str(target))
     return target
 
 
@@ -140,7 +149,9 @@ def test_install_writes_what_ai00_reads(make_ai00, tmp_path, random_models, arch
     before = config_text(root)
     state, source = native(tmp_path, random_models[arch])
     done = ai00.install(source, root)
-    assert done.path == root / f"assets/models/my-style--for-model-{arch}.st" and done.notes == []
+    assert done.path == root / f"assets/models/my-style--for-model-{arch}.st"
+    (note,) = done.notes  # Ai00's .st is the state's base model in another file: confirmed by the fingerprint
+    assert f"model-{arch} holds the same weights in another file" in note
     after = config_text(root)
     assert after.startswith(before)  # every comment, alignment and line of the user's file, untouched
     assert after[len(before):].strip().splitlines() == [
@@ -220,6 +231,18 @@ def test_base_model_sha256_is_checked_with_model(make_ai00, tmp_path, random_mod
     assert "pass force=True" in str(e.value) and not list((root / "assets/models").glob("my-style*"))
     done = ai00.install(source, root, model=random_models["v6"], force=True)
     assert "other-v6" in done.notes[0]
+
+
+def test_a_state_for_another_model_of_the_same_shape_is_refused_by_its_weights(make_ai00, tmp_path):
+    """Ai00's model is another file than the .pth a state records: the weights fingerprint tells the state's own
+    base model (installed above) from another model of the same shape (refused here, unless forced)."""
+    root = make_ai00("v6")
+    other = tmp_path / "other-v6.pth"
+    save_checkpoint(random_checkpoint("v6", n_layer=2, n_embd=192, head_size=64, vocab_size=320, seed=99), other)
+    _, source = native(tmp_path, other)
+    with pytest.raises(ModelMismatchError, match=r"made for other-v6 .* and other weights .*\(Ai00's model is "):
+        ai00.install(source, root)
+    assert not list((root / "assets/models").glob("my-style*"))
 
 
 def test_refuses_non_finite_values_and_writes_nothing(make_ai00, tmp_path, random_models):

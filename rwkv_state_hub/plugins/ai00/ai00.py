@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import tomlkit
 
-from rwkv_state_hub.errors import ConsumerError, InvalidOptionError, ModelMismatchError, option
+from rwkv_state_hub.errors import ConsumerError, InvalidOptionError, ModelMismatchError, StateHubError, option
 from rwkv_state_hub.files import atomic_path, atomic_write_bytes
 from rwkv_state_hub.formats import export_state, format_notes, time_state_key
 
@@ -218,16 +218,33 @@ def install(state_or_repo: str | os.PathLike, ai00_dir: str | os.PathLike, confi
 
 
 def _check_against_ai00s_model(state: State, folder: Path, model_name: str, force: bool) -> list[str]:
-    """State.check against the model Ai00 runs (shape and architecture: its file has no sha256 of ours to
-    compare); a note instead when that model's header cannot be read."""
-    ai00_spec = ai00_model_spec(folder / model_name) if model_name else None
-    if ai00_spec is None:
-        return [f"could not read the dims of Ai00's model {model_name or '(none configured)'}; "
-                "the state's shape was not checked against it"]
+    """State.check against the model Ai00 runs: by the weights fingerprint when the state records one (Ai00's
+    .st holds the same weights as the .pth in another file), else by shape and architecture from its header;
+    a note instead when that model cannot be read."""
+    model_file = folder / model_name if model_name else None
+    spec = _readable_model(model_file) if model_file and state.metadata.get("base_model_fingerprint") else None
+    notes = []
+    if spec is None:
+        spec = ai00_model_spec(model_file) if model_file else None
+        if spec is None:
+            return [f"could not read the dims of Ai00's model {model_name or '(none configured)'}; "
+                    "the state's shape was not checked against it"]
+        notes.append(f"only the state's shape was checked against Ai00's model {model_name} (the state records "
+                     "no weights fingerprint)")
     try:
-        return state.check(ai00_spec, force=force)
+        return state.check(spec, force=force) + notes
     except ModelMismatchError as e:
         raise ModelMismatchError(f"{e} (Ai00's model is {model_name})") from None
+
+
+def _readable_model(model_file: Path):
+    """Ai00's model read whole (a web-rwkv .st: see model_forms), or None when it cannot be (a .prefab)."""
+    from rwkv_state_hub.checkpoint import read_spec
+
+    try:
+        return read_spec(model_file)
+    except StateHubError:
+        return None
 
 
 def _refuse_a_duplicate(doc: tomlkit.TOMLDocument, cfg: Path, folder: Path, file_name: str, entry_name: str) -> None:
