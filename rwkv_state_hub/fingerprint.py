@@ -23,6 +23,7 @@ import re
 import torch
 
 from .checkpoint import ModelSpec, expected_tensors
+from .errors import InvalidCheckpointError
 from .files import cached_by_stamp
 
 VERSION = "rwkvfp1"
@@ -49,7 +50,7 @@ def tensor_digest(name: str, t: torch.Tensor) -> str:
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start : start + _CHUNK]
         if not bool(torch.isfinite(chunk).all()):
-            raise ValueError(f"{name} holds NaN or inf: no fingerprint for weights that cannot work")
+            raise InvalidCheckpointError(f"{name} holds non-finite values (NaN or inf): the model cannot work")
         h.update(canonical_bits(chunk).numpy().astype("<u2").tobytes())
     return h.hexdigest()
 
@@ -76,7 +77,7 @@ def fingerprint(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> str:
     for name in sorted(names, key=_order):
         t = weights[name]
         shape = "x".join(map(str, canonical_shape(t)))
-        lines.append(f"{name} {shape} {tensor_digest(name, t)}\n")
+        lines.append(f"{name} {shape} {tensor_digest(f'{spec.path or spec.name}: {name}', t)}\n")
     header = f"{VERSION}\n{spec.arch} L{spec.n_layer} C{spec.n_embd} N{spec.head_size} V{spec.vocab_size}\n"
     return f"{VERSION}:" + hashlib.sha256((header + "".join(lines)).encode()).hexdigest()
 

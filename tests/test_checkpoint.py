@@ -359,7 +359,7 @@ def test_missing_file(tmp_path):
 def test_directory_is_not_a_file(tmp_path):
     folder = tmp_path / "model.pth"
     folder.mkdir()
-    _one_line_error(folder, "no such file")
+    _one_line_error(folder, "a folder without model.safetensors; name the model file itself")
 
 
 # --- safety: no code runs from the file -------------------------------------------------------------------
