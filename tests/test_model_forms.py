@@ -10,6 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 from click.testing import CliRunner
+from web_rwkv_fixture import as_web_rwkv
 
 from rwkv_state_hub import RWKV, InvalidCheckpointError, State, TrainConfig, read_spec, train_state
 from rwkv_state_hub.checkpoint import load_state_dict
@@ -87,24 +88,7 @@ def test_states_record_the_base_files_sha1_beside_its_sha256(tmp_path, monkeypat
 
 # ---------------------------------------------------------------- web-rwkv .st and Hugging Face RWKV-7 copies
 # Our own converters, written from the converters' sources (docs/model_forms.md, sections 2.2 and 3.1), to make
-# fixtures: the real ones need the networks and packages these machines do not have.
-
-ST_TRANSPOSED = ("time_mix_w1", "time_mix_w2", "time_decay_w1", "time_decay_w2", "w1", "w2", "a1", "a2", "g1", "g2",
-                 "v1", "v2", "time_state", "lora.0")
-
-
-def as_web_rwkv(sd: dict[str, torch.Tensor], out: Path) -> Path:
-    """web-rwkv's convert_safetensors.py: rename, lower-case, F16, swap the last two dims of the low-rank ones."""
-    converted = {}
-    for key, t in sd.items():
-        name = key.replace("time_faaaa", "time_first").replace("time_maa", "time_mix").lower()
-        t = t.half()
-        if any(x in name for x in ST_TRANSPOSED):
-            t = t.transpose(-1, -2)
-        converted[name] = t.contiguous()
-    safetensors.torch.save_file(converted, out, metadata={"format": "pt"})
-    return out
-
+# fixtures: the real ones need the networks and packages these machines do not have (.st: web_rwkv_fixture.py).
 
 def as_hf_rwkv7(sd: dict[str, torch.Tensor], folder: Path) -> Path:
     """fla's convert_from_rwkv7.py: the fla-hub names, low-rank matrices transposed, w0/a0/v0 as LoRA biases,

@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 from conftest import ARCHS, LoopbackPostServer, random_state_like
 from safetensors.torch import save_file
+from web_rwkv_fixture import as_web_rwkv
 
 from rwkv_state_hub import State, StateHubError, read_spec
 from rwkv_state_hub.cli import cli
@@ -96,22 +97,11 @@ def ai00_loaded_states(ai00_dir: Path, n_layer: int, n_head: int, head_size: int
 # ---------------------------------------------------------------- fixtures
 
 
-ST_TRANSPOSED = ("time_mix_w1", "time_mix_w2", "time_decay_w1", "time_decay_w2", "w1", "w2", "a1", "a2", "g1", "g2",
-                 "v1", "v2", "time_state", "lora.0")
-
-
 def ai00_model(pth: Path, target: Path) -> Path:
-    """Ai00's model file as web-rwkv's convert_safetensors.py writes it from an official (bf16) checkpoint:
-    F16, time_faaaa -> time_first, time_maa -> time_mix, the low-rank matrices' last two dims swapped. (The
-    random models are fp32: rounded to bf16 first, as the official ones are.)"""
+    """Ai00's model file as web-rwkv's converter writes it from an official (bf16) checkpoint (the random
+    models are fp32: rounded to bf16 first, as the official ones are)."""
     sd = torch.load(pth, map_location="cpu", weights_only=True)
-    converted = {}
-    for key, t in sd.items():
-        name = key.replace("time_faaaa", "time_first").replace("time_maa", "time_mix")
-        t = t.to(torch.bfloat16).half()
-        converted[name] = (t.transpose(-1, -2) if any(x in name for x in ST_TRANSPOSED) else t).contiguous()
-    save_file(converted, str(target))
-    return target
+    return as_web_rwkv({k: v.to(torch.bfloat16) for k, v in sd.items()}, target)
 
 
 @pytest.fixture
