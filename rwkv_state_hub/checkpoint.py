@@ -27,6 +27,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK_KEY = re.compile(r"^blocks\.([0-9]{1,9})\.")  # int() refuses longer numbers; no model has 10^9 layers
 MAX_ZIP_ENTRIES = 1 << 16  # one per tensor (plus 6): a 70B checkpoint has a few thousand
 MAX_ZIP_NAME = 1024
+_SHA1 = re.compile(r"[0-9a-f]{40}")
 _CHUNK = 1 << 22  # values per isfinite() slice: a 4 MB temporary, whatever the tensor's size
 
 
@@ -76,6 +77,21 @@ class ModelSpec:
     def sha1(self) -> str | None:
         """sha1 of the whole file, computed with the sha256: web-rwkv's converter records it of its source .pth."""
         return sha1_file(self.path) if self.path else None
+
+    @cached_property
+    def source_sha1(self) -> str | None:
+        """The SHA-1 of the .pth this file was converted from, where a web-rwkv/Ai00 `.st` records it in its
+        metadata as `pth_SHA` (only Ai00's old convert_ai00.py computed it: docs/model_forms.md 2.3)."""
+        if not self.path or not Path(self.path).is_file() or file_kind(Path(self.path)) != "safetensors":
+            return None
+        import safetensors
+
+        try:
+            with safetensors.safe_open(os.fsdecode(self.path), framework="pt") as f:
+                recorded = (f.metadata() or {}).get("pth_SHA")
+        except Exception:  # noqa: BLE001 - a header the tensor reader accepted; no metadata is no claim
+            return None
+        return recorded.lower() if isinstance(recorded, str) and _SHA1.fullmatch(recorded.lower()) else None
 
     def dims(self) -> str:
         """'12 layers x 12 heads x 64': the shape a state must have, in words."""

@@ -1,4 +1,4 @@
-"""File plumbing shared by every writer and reader: atomic writes and cached sha256."""
+"""File plumbing shared by every writer and reader: atomic writes and values cached per file version."""
 
 from __future__ import annotations
 
@@ -167,15 +167,19 @@ def cache_dir() -> Path:
     return base
 
 
-def cached_by_stamp(path: str | os.PathLike, name: str, compute: Callable[[], str]) -> str:
-    """compute() for a file, remembered in cache_dir()/<name>.json by (absolute path, size, mtime): a value that
-    takes reading the whole file (a fingerprint) is computed once per file version. An unreadable or read-only
-    cache only costs the computation."""
+def cached_by_stamp(path: str | os.PathLike, name: str, keys: tuple[str, ...],
+                    compute: Callable[[], dict[str, str]], use_cache: bool = True) -> dict[str, str]:
+    """compute() for a file, remembered in cache_dir()/<name>.json by (absolute path, size, mtime): values that
+    take reading the whole file (its hashes, a fingerprint) are computed once per file version. The entry is
+    the stamp plus the strings `keys` names; a stale, partial or corrupt entry, or an unreadable or read-only
+    cache, only costs the computation."""
     path = Path(path).resolve()
     try:
         st = path.stat()
     except OSError as e:
         raise FileAccessError(f"{path}: cannot read ({e.strerror})") from None
+    if not use_cache:
+        return compute()
     stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     cache_file = cache_dir() / f"{name}.json"
     try:
@@ -184,15 +188,16 @@ def cached_by_stamp(path: str | os.PathLike, name: str, compute: Callable[[], st
         cache = {}
     cache = cache if isinstance(cache, dict) else {}
     hit = cache.get(str(path))
-    if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and isinstance(hit.get("value"), str):
-        return hit["value"]
-    value = compute()
-    cache[str(path)] = {**stamp, "value": value}
+    if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and \
+            all(isinstance(hit.get(k), str) for k in keys):
+        return {k: hit[k] for k in keys}
+    values = compute()
+    cache[str(path)] = {**stamp, **values}
     try:
         atomic_write_bytes(cache_file, json.dumps(cache, indent=0, sort_keys=True).encode())
     except (OSError, StateHubError):
-        pass
-    return value
+        pass  # a read-only cache is not worth failing the user's command over
+    return values
 
 
 def _hash_stream(path: Path, size: int) -> dict[str, str]:
@@ -225,34 +230,9 @@ def sha1_file(path: str | os.PathLike, use_cache: bool = True) -> str:
 
 def file_digests(path: str | os.PathLike, use_cache: bool = True) -> dict[str, str]:
     """{"sha256": ..., "sha1": ...} of a whole file, streamed once; cached by (absolute path, size, mtime)."""
-    path = Path(path).resolve()
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise FileAccessError(f"{path}: cannot read ({e.strerror})") from None
-    key = str(path)
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    cache_file = cache_dir() / "sha256.json"
-    cache: dict = {}
-    if use_cache:
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cache = {}
-        if not isinstance(cache, dict):
-            cache = {}
-        hit = cache.get(key)
-        if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and \
-                all(isinstance(hit.get(name), str) for name in ("sha256", "sha1")):
-            return {name: hit[name] for name in ("sha256", "sha1")}
-    digest = _hash_stream(path, st.st_size)
-    if use_cache:
-        cache[key] = {**stamp, **digest}
-        try:
-            atomic_write_bytes(cache_file, json.dumps(cache, indent=0, sort_keys=True).encode())
-        except (OSError, StateHubError):
-            pass  # a read-only cache is not worth failing the user's command over
-    return digest
+    resolved = Path(path).resolve()
+    return cached_by_stamp(resolved, "sha256", ("sha256", "sha1"),
+                           lambda: _hash_stream(resolved, resolved.stat().st_size), use_cache)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -86,8 +86,8 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     """The fingerprint of a model file, cached by (absolute path, size, mtime) like its sha256."""
     from .checkpoint import read_checkpoint
 
-    def compute() -> str:
+    def compute() -> dict[str, str]:
         spec, weights = read_checkpoint(path)
-        return fingerprint(spec, weights)
+        return {"fingerprint": fingerprint(spec, weights)}
 
-    return cached_by_stamp(path, VERSION, compute)
+    return cached_by_stamp(path, VERSION, ("fingerprint",), compute)["fingerprint"]

@@ -59,7 +59,7 @@ from .hub_card import (
     weights_tag,
 )
 from .plot import plot_losses
-from .state import State
+from .state import State, same_weights_note
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -453,8 +453,7 @@ def _check_made_for(repo_id: str, manifest: dict[str, Any], model: str | os.Path
         return spec, []
     recorded = fingerprint_of(manifest.get("base_model_fingerprint"))
     if spec is not None and recorded and spec.fingerprint == recorded:
-        return spec, [f"{repo_id}: made for {made_for_name}; {spec.name} holds the same weights in another file "
-                      f"({recorded[:20]}...)"]
+        return spec, [same_weights_note(repo_id, made_for_name, spec.name, f"{recorded[:20]}...")]
     problem = f"{repo_id}: made for {made_for_name} (sha256 {made_for[:12]}), but {have.label} has sha256 " \
               f"{have.sha256[:12]}"
     if not force:

@@ -44,6 +44,12 @@ _JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an inte
                bool: "true or false", type(None): "null"}
 
 
+def same_weights_note(source: str, made_for: str, model: str, evidence: str) -> str:
+    """The one line every check prints when a state meets its base model's weights in another file; `evidence`
+    says how that is known (the weights fingerprint, or the source .pth's SHA-1 an .st records)."""
+    return f"{source}: made for {made_for}; {model} holds the same weights in another file ({evidence})"
+
+
 @dataclass
 class State:
     """wkv [L, H, N, N] fp32 ([head, value, key]); shift [L, 2, C] fp32 (time-mix and channel-mix
@@ -203,6 +209,9 @@ class State:
             return "unknown"
         if want == spec.sha256:
             return "same file"
+        sha1 = self.metadata.get("base_model_sha1")
+        if sha1 and sha1 == spec.source_sha1:
+            return "same weights"
         recorded = self.metadata.get("base_model_fingerprint")
         return "same weights" if recorded and recorded == spec.fingerprint else "another model"
 
@@ -218,8 +227,10 @@ class State:
         if self.identity(spec) != "same weights":
             return []
         made_for = self.metadata.get("base_model_name") or "its base model"
-        return [f"{self.source}: made for {made_for}; {spec.name} holds the same weights in another file "
-                f"({self.metadata['base_model_fingerprint'][:20]}...)"]
+        sha1 = self.metadata.get("base_model_sha1")
+        evidence = f"converted from sha1 {sha1[:12]}" if sha1 and sha1 == spec.source_sha1 else \
+            f"{self.metadata['base_model_fingerprint'][:20]}..."
+        return [same_weights_note(self.source, made_for, spec.name, evidence)]
 
     def to_recurrent(self, batch: int = 1, device: str | torch.device = "cpu"):
         """The model's runtime state for a batch, every sequence starting from this state."""

@@ -3,22 +3,32 @@ for changed weights; and states accepted on any form of their base model, refuse
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import safetensors.torch
 import torch
+from conftest import real_model_path
 
 from rwkv_state_hub import ModelMismatchError, State, read_spec
 from rwkv_state_hub.checkpoint import read_checkpoint
 from rwkv_state_hub.examples import example_model
 from rwkv_state_hub.fingerprint import canonical_bits, fingerprint
 
-MODELS = ["tiny-rwkv-5v2-730K.pth", "tiny-rwkv-7v0-834K.pth", "rwkv7-example-L4-D256.pth"]
+# the bundled models, and the real v6 from ../shared (none is bundled)
+MODELS = ["tiny-rwkv-5v2-730K.pth", "tiny-rwkv-6v0-1m.pth", "tiny-rwkv-7v0-834K.pth", "rwkv7-example-L4-D256.pth"]
+
+
+def model_path(name: str) -> Path:
+    return real_model_path(name.removesuffix(".pth")) if name.startswith("tiny-rwkv-6") else example_model(name)
+
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def bf16_master(name: str) -> dict[str, torch.Tensor]:
     """The model as an official bf16 checkpoint (the tiny ones are fp32: round them first, as BlinkDL's are)."""
-    return {k: v.to(torch.bfloat16) for k, v in torch.load(example_model(name), weights_only=True).items()}
+    return {k: v.to(torch.bfloat16) for k, v in torch.load(model_path(name), weights_only=True).items()}
 
 
 def save(sd: dict[str, torch.Tensor], path, dtype: torch.dtype):
@@ -43,7 +53,7 @@ def test_every_form_of_the_same_weights_has_one_fingerprint(name, tmp_path):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_changed_weights_have_another_fingerprint(name):
-    spec, sd = read_checkpoint(example_model(name))
+    spec, sd = read_checkpoint(model_path(name))
     master = bf16_master(name)
     base = fingerprint(spec, master)
     one_ulp = dict(master)
@@ -84,6 +94,37 @@ def test_a_state_fits_every_form_of_its_base_model_and_no_other(tmp_path):
     assert state.identity(read_spec(other)) == "another model"
     with pytest.raises(ModelMismatchError, match="but fine-tune has sha256 .* and other weights"):
         state.check(read_spec(other))
+
+
+def test_an_st_that_records_its_source_sha1_is_recognised_without_the_fingerprint(tmp_path, monkeypatch):
+    """An .st whose metadata `pth_SHA` is the SHA-1 of the state's base file is the same weights, known exactly
+    (the fingerprint is not computed); a wrong pth_SHA is no claim: the fingerprint still decides."""
+    import hashlib
+
+    from web_rwkv_fixture import as_web_rwkv
+
+    import rwkv_state_hub.fingerprint as fp
+
+    master = bf16_master("tiny-rwkv-7v0-834K.pth")
+    official = save(master, tmp_path / "official.pth", torch.bfloat16)
+    sha1 = hashlib.sha1(official.read_bytes()).hexdigest()
+    state = State.zeros(read_spec(official))
+    assert state.metadata["base_model_sha1"] == sha1
+    named = as_web_rwkv(master, tmp_path / "named.st", pth_sha=sha1.upper())
+    wrong = as_web_rwkv(master, tmp_path / "wrong.st", pth_sha="0" * 40)
+    other = dict(master, **{"blocks.0.att.key.weight": master["blocks.0.att.key.weight"] * 1.05})
+    other_named = as_web_rwkv(other, tmp_path / "other.st", pth_sha="0" * 40)
+    assert read_spec(official).source_sha1 is None
+
+    def no_fingerprint(path):
+        raise AssertionError(f"fingerprint computed for {path}")
+
+    with monkeypatch.context() as m:
+        m.setattr(fp, "file_fingerprint", no_fingerprint)
+        (note,) = state.check(read_spec(named))
+        assert f"named holds the same weights in another file (converted from sha1 {sha1[:12]})" in note
+    assert state.identity(read_spec(wrong)) == "same weights"  # by the fingerprint
+    assert state.identity(read_spec(other_named)) == "another model"
 
 
 def test_the_hub_finds_and_serves_a_state_for_any_form_of_its_weights(hub_server, tmp_path):

@@ -10,13 +10,21 @@ import pytest
 import safetensors.torch
 import torch
 from click.testing import CliRunner
+from conftest import real_model_path
 from web_rwkv_fixture import as_web_rwkv
 
 from rwkv_state_hub import RWKV, InvalidCheckpointError, State, TrainConfig, read_spec, train_state
 from rwkv_state_hub.checkpoint import load_state_dict
 from rwkv_state_hub.examples import example_model
 
-MODELS = ["tiny-rwkv-5v2-730K.pth", "tiny-rwkv-7v0-834K.pth", "rwkv7-example-L4-D256.pth"]
+# the bundled models, and the real v6 from ../shared (none is bundled)
+MODELS = ["tiny-rwkv-5v2-730K.pth", "tiny-rwkv-6v0-1m.pth", "tiny-rwkv-7v0-834K.pth", "rwkv7-example-L4-D256.pth"]
+
+
+def model_path(name: str) -> Path:
+    return real_model_path(name.removesuffix(".pth")) if name.startswith("tiny-rwkv-6") else example_model(name)
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOKENS = torch.tensor([[87, 69, 65, 84, 72, 69, 82, 46, 32, 79, 115, 108, 111, 58]])  # "WEATHER. Oslo:"
 
@@ -32,7 +40,7 @@ def as_safetensors(pth: Path, folder: Path, dtype: str) -> Path:
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_a_safetensors_copy_reads_as_the_pth(name, dtype, tmp_path):
-    pth = example_model(name)
+    pth = model_path(name)
     copy = as_safetensors(pth, tmp_path, dtype)
     a, b = read_spec(pth), read_spec(copy)
     assert (b.arch, b.n_layer, b.n_embd, b.n_head, b.head_size, b.vocab_size) == \
@@ -122,7 +130,7 @@ def as_hf_rwkv7(sd: dict[str, torch.Tensor], folder: Path) -> Path:
 
 
 def _bf16_master(name: str) -> dict[str, torch.Tensor]:
-    return {k: v.to(torch.bfloat16) for k, v in torch.load(example_model(name), weights_only=True).items()}
+    return {k: v.to(torch.bfloat16) for k, v in torch.load(model_path(name), weights_only=True).items()}
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -14,8 +14,9 @@ ST_TRANSPOSED = ("time_mix_w1", "time_mix_w2", "time_decay_w1", "time_decay_w2",
                  "v1", "v2", "time_state", "lora.0")
 
 
-def as_web_rwkv(sd: dict[str, torch.Tensor], out: Path) -> Path:
-    """Rename (time_faaaa -> time_first, time_maa -> time_mix), lower-case, F16, swap the low-rank ones."""
+def as_web_rwkv(sd: dict[str, torch.Tensor], out: Path, pth_sha: str | None = None) -> Path:
+    """Rename (time_faaaa -> time_first, time_maa -> time_mix), lower-case, F16, swap the low-rank ones;
+    `pth_sha`: the source's SHA-1 in the metadata, as Ai00's old convert_ai00.py meant to record it."""
     converted = {}
     for key, t in sd.items():
         name = key.replace("time_faaaa", "time_first").replace("time_maa", "time_mix").lower()
@@ -23,5 +24,6 @@ def as_web_rwkv(sd: dict[str, torch.Tensor], out: Path) -> Path:
         if any(x in name for x in ST_TRANSPOSED):
             t = t.transpose(-1, -2)
         converted[name] = t.contiguous()
-    safetensors.torch.save_file(converted, out, metadata={"format": "pt"})
+    metadata = {"format": "pt", **({"pth_SHA": pth_sha} if pth_sha else {})}
+    safetensors.torch.save_file(converted, out, metadata=metadata)
     return out
