@@ -118,8 +118,10 @@ class ModelSpec:
 
 
 def model_name(path: str | os.PathLike) -> str:
-    """A model file's name without its extension (.pth, .safetensors, .st), as states and cards record it."""
-    name = Path(path).name
+    """A model file's name without its extension (.pth, .safetensors, .st), as states and cards record it; a
+    Hugging Face folder's `model.safetensors` is named by its folder (the repo's name)."""
+    path = Path(path)
+    name = path.parent.name if path.name == "model.safetensors" and path.parent.name else path.name
     for suffix in (".pth", ".safetensors", ".st"):
         name = name.removesuffix(suffix)
     return name

@@ -126,6 +126,7 @@ def test_a_hugging_face_rwkv7_copy_is_the_same_model(name, tmp_path):
     folder = as_hf_rwkv7(master, tmp_path / "hf")
     a, b = read_spec(official), read_spec(folder)
     assert b.fingerprint == a.fingerprint and (b.n_layer, b.head_size) == (a.n_layer, a.head_size)
+    assert b.name == "hf"  # a Hugging Face folder is named by its folder, not "model"
     with torch.no_grad():
         want = RWKV.from_pretrained(official)(TOKENS)[0]
         got = RWKV.from_pretrained(folder)(TOKENS)[0]
