@@ -95,6 +95,9 @@ def _from_hf_v7(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tens
 def hf_weights_file(folder: Path) -> Path:
     """A Hugging Face model folder's weights: one `model.safetensors` (sharded checkpoints are not read yet)."""
     path = folder / "model.safetensors"
+    if not path.is_file() and (folder / "model.safetensors.index.json").is_file():
+        raise InvalidCheckpointError(f"{folder}: a sharded checkpoint (model.safetensors.index.json); sharded "
+                                     "models are not read yet: save it as one model.safetensors")
     if not path.is_file():
         raise InvalidCheckpointError(f"{folder}: a folder without model.safetensors; name the model file itself")
     return path

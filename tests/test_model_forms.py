@@ -142,3 +142,9 @@ def test_an_unknown_hugging_face_tensor_is_one_line(tmp_path):
     safetensors.torch.save_file(sd, folder / "model.safetensors")
     with pytest.raises(InvalidCheckpointError, match="'model.layers.0.attn.mystery' is not a tensor of a Hugging Face"):
         read_spec(folder)
+
+
+def test_a_sharded_hugging_face_folder_is_one_line(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(InvalidCheckpointError, match="sharded checkpoint .* save it as one model.safetensors"):
+        read_spec(tmp_path)
