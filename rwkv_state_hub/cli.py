@@ -12,7 +12,7 @@ import click
 
 from ._version import __version__
 from .errors import FileAccessError, InvalidOptionError, StateHubError, StateHubWarning, speak_cli
-from .formats import DTYPES, FORMAT_ALIASES, FORMATS
+from .formats import DTYPES, FOR_ONE_MODEL, FORMAT_ALIASES, FORMATS
 
 # Library modules (torch, huggingface_hub, gradio behind them) are imported inside the commands, so that
 # `--help` and `--version` start in a fraction of a second; tests/test_cli_startup.py keeps it so.
@@ -79,6 +79,19 @@ class _Choice(click.Choice):
 
 
 FORMAT = _Choice(FORMATS, FORMAT_ALIASES)
+
+
+def _say_gguf_check(state, gguf: str, force: bool) -> None:
+    """What checking `state` against the GGUF found (the same weights, or what could not be checked)."""
+    from .llama_cpp import check_gguf
+
+    for line in check_gguf(state, gguf, force=force):
+        click.echo(f"note: {line}", err=True)
+
+
+def _gguf_option(f):
+    return click.option("--gguf", type=click.Path(dir_okay=False), help="The llama.cpp model (.gguf) a "
+                        "--format llama.cpp state is for: checked against (architecture, dims, weights), required.")(f)
 
 
 class _Finite(click.FloatRange):
@@ -182,16 +195,20 @@ def check(state: str, model: str, force: bool) -> None:
 @cli.command()
 @click.argument("state", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=FORMAT, required=True,
-              help="safetensors: ours, pth: Runner/PEFT/pip, ai00: Ai00, merged: the base model with the state in.")
+              help="safetensors: ours, pth: Runner/PEFT/pip, ai00: Ai00, merged: the base model with the state in, "
+                   "llama.cpp: a sequence state for llama_state_seq_set_data (with --gguf).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
 @click.option("--dtype", type=click.Choice(DTYPES),
               help="Tensor dtype, where the format has a choice: pth takes fp32 (its default), bf16 or fp16; "
                    "safetensors and merged are fp32, ai00 is fp16 (Ai00 reads nothing else).")
 @click.option("--model", "model", type=MODEL_PATH,
               help="Base model: checked against, recorded in the output; required for --format merged.")
-@click.option("--force", is_flag=True, help="Export even if the state does not fit --model.")
-def export(state: str, fmt: str, output: str, dtype: str | None, model: str | None, force: bool) -> None:
-    """Convert STATE to another consumer's format (pth: Runner/PEFT/pip, ai00: Ai00, merged: pip v5/v6)."""
+@_gguf_option
+@click.option("--force", is_flag=True, help="Export even if the state does not fit --model (or --gguf's weights).")
+def export(state: str, fmt: str, output: str, dtype: str | None, model: str | None, gguf: str | None,
+           force: bool) -> None:
+    """Convert STATE to another consumer's format (pth: Runner/PEFT/pip, ai00: Ai00, merged: pip v5/v6,
+    llama.cpp: llama-cpp-python)."""
     from .checkpoint import read_spec
     from .formats import export_state, format_notes, load_state
 
@@ -203,7 +220,11 @@ def export(state: str, fmt: str, output: str, dtype: str | None, model: str | No
         for p in s.check(spec, force=force):
             click.echo(f"warning: {p}", err=True)
         s = s.with_model(spec)
-    export_state(s, output, fmt, dtype=dtype, base_model=model, force=force)
+    if gguf and fmt == "llama.cpp":
+        _say_gguf_check(s, gguf, force)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StateHubWarning)  # the check's lines, said above
+        export_state(s, output, fmt, dtype=dtype, base_model=model, force=force, gguf=gguf)
     for note in format_notes(s, fmt):
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {output} ({fmt})")
@@ -376,8 +397,9 @@ def generate(model, state_path, prompt, samples, tokenizer, force, **sampling) -
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output state.")
 @click.option("--format", "fmt", type=FORMAT, default="safetensors", show_default=True,
               help="Output format (as in export); only safetensors keeps the token shift a baked state has.")
+@_gguf_option
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
-def bake(model, prompt, prompt_file, output, fmt, tokenizer) -> None:
+def bake(model, prompt, prompt_file, output, fmt, gguf, tokenizer) -> None:
     """Run a prompt through the model and save the state it leaves: a state without training."""
     from .formats import export_state, format_notes
     from .model import load_model
@@ -393,7 +415,11 @@ def bake(model, prompt, prompt_file, output, fmt, tokenizer) -> None:
             raise InvalidOptionError(f"{prompt_file}: cannot read as UTF-8 text ({e})") from None
     m = load_model(model)
     state = run(m, get_tokenizer(tokenizer, m.spec), prompt)
-    export_state(state, output, fmt, base_model=model if fmt == "merged" else None)
+    if gguf and fmt == "llama.cpp":
+        _say_gguf_check(state, gguf, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StateHubWarning)  # the check's lines, said above
+        export_state(state, output, fmt, base_model=model if fmt == "merged" else None, gguf=gguf)
     for note in format_notes(state, fmt):
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {output}: {state.metadata['training']['prompt_tokens']} prompt tokens baked into a "
@@ -471,7 +497,7 @@ def push(state, repo_id, model, private, revision, exports, force, token, endpoi
 @click.argument("repo_id")
 @click.option("--model", metavar="MODEL",
               help="The base model you have (.pth or hf://owner/repo/file.pth): the state must be made for it.")
-@click.option("--format", "fmt", type=_Choice([f for f in FORMATS if f != "merged"], FORMAT_ALIASES),
+@click.option("--format", "fmt", type=_Choice([f for f in FORMATS if f not in FOR_ONE_MODEL], FORMAT_ALIASES),
               default="safetensors", show_default=True, help="Which of the repo's files: safetensors (ours), pth or "
               "ai00.")
 @click.option("-o", "--output", type=click.Path(), help="Write the verified file here (a file or a folder).")

@@ -27,10 +27,15 @@ if TYPE_CHECKING:
 
     from .state import State
 
-FORMATS = ("safetensors", "pth", "ai00", "merged")
+FORMATS = ("safetensors", "pth", "ai00", "merged", "llama.cpp")
 FORMAT_ALIASES = {"native": "safetensors"}  # older names, still accepted
 # format -> the tensor dtypes it can hold, its default first
-FORMAT_DTYPES = {"safetensors": ("fp32",), "pth": ("fp32", "bf16", "fp16"), "ai00": ("fp16",), "merged": ("fp32",)}
+FORMAT_DTYPES = {"safetensors": ("fp32",), "pth": ("fp32", "bf16", "fp16"), "ai00": ("fp16",), "merged": ("fp32",),
+                 "llama.cpp": ("fp32",)}
+# formats that carry the token shift as well as the wkv state
+FULL_STATE_FORMATS = ("safetensors", "llama.cpp")
+# formats written for one base-model file, which the export needs: format -> the parameter that names it
+FOR_ONE_MODEL = {"merged": "base_model", "llama.cpp": "gguf"}
 DTYPES = FORMAT_DTYPES["pth"]
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MAGIC = "rwkv-state-hub"
@@ -168,13 +173,21 @@ def export_state(
     dtype: str | None = None,
     base_model: str | os.PathLike | None = None,
     force: bool = False,
+    gguf: str | os.PathLike | None = None,
 ) -> Path:
     """Write `state` in format `fmt` (FORMATS); `dtype` only where the format can hold it (FORMAT_DTYPES; None:
-    the format's own). Returns the path written; `format_notes` says what the format leaves out."""
+    the format's own). `merged` needs `base_model` (the .pth), `llama.cpp` the `gguf` it is for; both are
+    checked against the state first. Returns the path written; `format_notes` says what the format leaves out."""
     fmt = canonical_format(fmt)
     dtype = _dtype_for(fmt, dtype)
-    if fmt == "merged" and base_model is None:
-        raise InvalidOptionError(f"the merged format needs the base model: pass {option('base_model')}")
+    needed = FOR_ONE_MODEL.get(fmt)
+    if needed and {"base_model": base_model, "gguf": gguf}[needed] is None:
+        what = "base model .pth" if needed == "base_model" else "GGUF model file it is for"
+        raise InvalidOptionError(f"the {fmt} format needs the {what}: pass {option(needed)}")
+    if fmt == "llama.cpp":
+        from .llama_cpp import export_llama_cpp
+
+        return export_llama_cpp(state, path, gguf=gguf, force=force)
     if fmt == "safetensors":
         save_native(state, path)
     elif fmt == "pth":
@@ -188,7 +201,7 @@ def export_state(
 
 def format_notes(state: State, fmt: str) -> list[str]:
     """What `fmt` cannot carry of `state`, for the user: consumers then start that part from zero."""
-    if state.shift is not None and canonical_format(fmt) != "safetensors":
+    if state.shift is not None and canonical_format(fmt) not in FULL_STATE_FORMATS:
         return [f"the {canonical_format(fmt)} format carries only the wkv state; consumers start the token shift "
                 "from zero"]
     return []
