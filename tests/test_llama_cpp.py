@@ -274,3 +274,44 @@ def test_greedy_text_from_a_state_in_llama_cpp_is_pips(ggufs):
         tokens = [int(out.argmax())]
         ours.append(tokens[0])
     assert theirs == ours
+
+
+def _readme_block(start: str) -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    i = readme.index(start)
+    return readme[i:readme.index("```", i)]
+
+
+@needs_llama
+@pytest.mark.slow
+def test_the_readme_example_runs_and_gives_pips_text(ggufs, tmp_path, monkeypatch, capsys):
+    """README "Using a state in other programs", llama.cpp: the export command and the Python snippet, verbatim,
+    on the example RWKV-7 (as rwkv7-0.1b.gguf); the snippet's greedy text is pip's from the same state."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from rwkv_state_hub.cli import cli
+
+    command = _readme_block("rwkv-state export my-state.safetensors --format llama.cpp").split()
+    snippet = _readme_block("from llama_cpp import Llama")
+    state, _ = _state("example", seed=7)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ggufs["example", "f16"], "rwkv7-0.1b.gguf")
+    state.save_pretrained("s", exports=())
+    shutil.copy("s/state.safetensors", "my-state.safetensors")
+    r = CliRunner().invoke(cli, command[1:])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(lc.parse_blob(Path("my-state.bin").read_bytes()).wkv, state.wkv)
+    scope: dict = {}
+    exec(compile(snippet, "README snippet (llama.cpp)", "exec"), scope)
+    printed = capsys.readouterr().out
+    eos = scope["llm"].token_eos()
+    model, s, tokens, ours = pip_model(EXAMPLE_V7, "v7"), pip_state(state), list(b"User: hi\n\nAssistant:"), []
+    while len(ours) < 100:
+        out, s = model.forward(tokens, s)
+        tokens = [int(out.argmax())]
+        if tokens[0] == eos:
+            break
+        ours += tokens
+    assert len(ours) > 20 and printed == bytes(ours).decode("utf-8", errors="replace") + "\n"
