@@ -5,7 +5,7 @@ Generated here from word lists (so the licence is ours: Apache-2.0, like the cod
 (seeded), with a held-out split. The style is what a state can learn and a base model cannot guess:
 every report opens the same way and follows the same template.
 
-    python examples/make_dataset.py   # examples/data/{train,val}.jsonl and sports-{train,val}.jsonl
+    python examples/make_dataset.py   # examples/data/{,sports-,bulletins-}{train,val}.jsonl
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def match(rng: random.Random) -> str:
     return f"SPORT. {home} {a}, {away} {b}. {MOODS[a > b]} END."
 
 
+def bulletin(rng: random.Random) -> str:
+    """Four to six reports, one per line: a text long enough to show whether a state holds the style."""
+    return "\n".join(report(rng) for _ in range(rng.randint(4, 6)))
+
+
 def main(n_train: int = 400, n_val: int = 60, seed: int = 7) -> None:
     rng = random.Random(seed)
     folder = Path(__file__).parent / "data"
@@ -49,7 +54,12 @@ def main(n_train: int = 400, n_val: int = 60, seed: int = 7) -> None:
         for name, n in (("train", n_train), ("val", n_val)):
             lines = [json.dumps({"text": make(rng)}) for _ in range(n)]
             (folder / f"{prefix}{name}.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"wrote {n_train} training and {n_val} held-out samples of each style to {folder}")
+    rng = random.Random(seed + 1)  # the bulletins: their own stream, so the files above stay as they were
+    for name, n in (("train", n_train // 4), ("val", n_val // 3)):
+        lines = [json.dumps({"text": bulletin(rng)}) for _ in range(n)]
+        (folder / f"bulletins-{name}.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"wrote {n_train} training and {n_val} held-out samples of each style to {folder}, and "
+          f"{n_train // 4} + {n_val // 3} bulletins of 4-6 weather reports")
 
 
 if __name__ == "__main__":

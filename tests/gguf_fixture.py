@@ -3,7 +3,7 @@ the names, shapes and transforms llama.cpp's rwkv6/rwkv7 loaders want, from Blin
 independently of rwkv_state_hub/llama_cpp.py (which maps GGUF names back), so a wrong transform on either side
 shows up as a fingerprint or a logits mismatch.
 
-`dtype`: "f32" (every tensor F32), "f16" or "q8_0" (the big matrices in that type, the rest F32, as llama.cpp's
+`dtype`: "f32" (every tensor F32), "f16", "bf16" or "q8_0" (the big matrices in that type, the rest F32, as llama.cpp's
 own converter and quantizer leave them).
 """
 
@@ -19,7 +19,7 @@ CONTEXT_LENGTH = 1048576  # what convert_hf_to_gguf.py writes for RWKV
 # the matrices llama.cpp's converter and quantizer store in the file's type; vectors and LoRA maps stay F32
 BIG_MATRICES = re.compile(r"^(token_embd|output|blk\.\d+\.(time_mix_(receptance|key|value|gate|output)|"
                           r"channel_mix_(key|value|receptance)))\.weight$")
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16
 
 
 def _vec(t: torch.Tensor) -> np.ndarray:
@@ -129,7 +129,8 @@ def _encode(name: str, t: np.ndarray, dtype: str):
         return t.astype(np.float32), None
     if dtype == "f16":
         return t.astype(np.float16), None
-    return gguf.quants.quantize(t.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    kind = gguf.GGMLQuantizationType.Q8_0 if dtype == "q8_0" else gguf.GGMLQuantizationType.BF16
+    return gguf.quants.quantize(t.astype(np.float32), kind), kind
 
 
 def write_gguf(pth: str | Path, out: str | Path, dtype: str = "f32",

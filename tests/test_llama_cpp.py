@@ -4,6 +4,7 @@ own logits and greedy text from our states against the rwkv pip package's (the i
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pip_reference import pip_model
 from rwkv_state_hub import State
 from rwkv_state_hub import llama_cpp as lc
 from rwkv_state_hub.checkpoint import read_spec
-from rwkv_state_hub.errors import InvalidCheckpointError, InvalidStateError, ModelMismatchError
+from rwkv_state_hub.errors import InvalidCheckpointError, InvalidStateError, ModelMismatchError, StateHubWarning
 from rwkv_state_hub.pip_bridge import pip_state, state_from_pip
 
 EXAMPLE_V7 = REPO / "rwkv_state_hub" / "examples" / "models" / "rwkv7-example-L4-D256.pth"
@@ -66,7 +67,7 @@ def _state(name: str, seed: int = 0, full: bool = True):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_a_gguf_of_the_checkpoint_is_the_same_weights(ggufs, name, dtype):
     state, spec = _state(name)
     model = lc.read_gguf(ggufs[name, dtype])
@@ -254,6 +255,23 @@ def test_a_state_loaded_into_llama_cpp_gives_pips_logits_and_text(ggufs, name):
     assert (ours - ref).abs().max() < LOGIT_TOL
     baseline, _ = _pip_logits(name, TOKENS, None)
     assert (ref - baseline).abs().max() > 100 * LOGIT_TOL  # the state changed the logits: the check has teeth
+
+
+@needs_llama
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "tol"), [("f16", 2e-2), ("bf16", 5e-2), ("q8_0", 0.25)])
+def test_a_state_works_in_a_smaller_gguf_within_its_rounding(ggufs, dtype, tol):
+    """F16/BF16/Q8_0 weights (llama.cpp then rounds activations too): measured max |difference| from pip's fp32
+    logits 4.2e-3 / 2.0e-2 / 9.5e-2 on the example model; the bounds are ~2.5x those, and the state's own effect on
+    the logits is far larger."""
+    state, _ = _state("example", seed=3)
+    llm = _llama(ggufs["example", dtype])
+    with pytest.warns(StateHubWarning, match="quantized") if dtype == "q8_0" else contextlib.nullcontext():
+        lc.load_into_llama(llm, state)
+    ours = _llama_logits(llm, TOKENS)
+    ref, _ = _pip_logits("example", TOKENS, state)
+    baseline, _ = _pip_logits("example", TOKENS, None)
+    assert (ours - ref).abs().max() < tol < (ours - baseline).abs().max() / 10
 
 
 @needs_llama
