@@ -15,6 +15,7 @@ from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = REPO.parent / "shared" / "models"
 EXAMPLE_MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-7v0-834K.pth"
+FIXTURES = REPO / "tests" / "fixtures"  # weather-5v2.safetensors: a trained state for the tiny RWKV-5.2
 
 # name, architecture, text encoding of its byte vocabulary
 REAL_MODELS = [

@@ -35,7 +35,7 @@ pytestmark = [  # Gradio's queue still uses pandas options that pandas 3 depreca
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
 MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
-EXAMPLE_STATES = REPO / "rwkv_state_hub" / "examples" / "states"
+EXAMPLE_STATES = REPO / "tests" / "fixtures"  # weather-5v2: a state for MODEL
 WEATHER = "weather-5v2.safetensors"
 GREEDY = (0, 1, 40, 0, 0, 0)  # temperature, top-p, max tokens, presence, frequency, seed
 

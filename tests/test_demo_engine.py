@@ -21,7 +21,7 @@ from rwkv_state_hub.training.checkpointing import CHECKPOINT
 from rwkv_state_hub.training.config import EXPORT_NAMES
 
 MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
-EXAMPLE_STATES = REPO / "rwkv_state_hub" / "examples" / "states"
+EXAMPLE_STATES = REPO / "tests" / "fixtures"  # weather-5v2: a state for MODEL
 WEATHER = "weather-5v2.safetensors"
 
 

@@ -31,7 +31,7 @@ pytestmark = [  # Gradio's queue still uses pandas options that pandas 3 depreca
     pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),  # huggingface_hub's LFS upload
 ]
 MODEL = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
-WEATHER = REPO / "rwkv_state_hub" / "examples" / "states" / "weather-5v2.safetensors"
+WEATHER = REPO / "tests" / "fixtures" / "weather-5v2.safetensors"
 TITLE = "rwkv-state-hub demo"
 # each payload, if it ran, would set the page title to "pwned-..."
 PAYLOADS = [

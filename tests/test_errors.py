@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURES
 
 import rwkv_state_hub
 from rwkv_state_hub import errors
@@ -48,7 +49,7 @@ def test_option_speaks_python_until_the_cli_asks():
 
 def _two_states(tmp_path):
     """A state made for the bundled tiny v5.2 model, and a copy of that model with other bytes (another sha256)."""
-    from rwkv_state_hub.examples import example_model, example_states
+    from rwkv_state_hub.examples import example_model
 
     model = example_model("tiny-rwkv-5v2-730K.pth")
     other = tmp_path / "fine-tune.pth"
@@ -58,7 +59,7 @@ def _two_states(tmp_path):
     sd = torch.load(model, weights_only=True)
     sd["emb.weight"] = sd["emb.weight"] * 1.0001  # same shape, other file: a fine-tune
     torch.save(sd, other)
-    return example_states() / "weather-5v2.safetensors", other
+    return FIXTURES / "weather-5v2.safetensors", other
 
 
 def test_a_mismatch_names_force_as_python_in_the_library_and_as_a_flag_in_the_cli(tmp_path):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALICE
+from conftest import ALICE, FIXTURES
 
 from rwkv_state_hub import RWKV, ModelMismatchError, State, load_state
-from rwkv_state_hub.examples import example_model, example_states
+from rwkv_state_hub.examples import example_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "python_api.py"
@@ -49,7 +49,7 @@ def tiny():
 
 
 def test_state_folder_round_trip_is_checked_against_the_model(tiny, tmp_path):
-    state = State.from_pretrained(example_states() / "weather-5v2.safetensors", model=tiny)
+    state = State.from_pretrained(FIXTURES / "weather-5v2.safetensors", model=tiny)
     folder = state.save_pretrained(tmp_path / "weather", exports=("pth",))
     assert {p.name for p in folder.iterdir()} == {"state.safetensors", "state.pth", "rwkv-state.json", "README.md"}
     again = State.from_pretrained(folder, model=tiny)
@@ -63,14 +63,14 @@ def test_state_folder_round_trip_is_checked_against_the_model(tiny, tmp_path):
 
 
 def test_repr_is_one_line_without_tensors(tiny):
-    state = State.from_pretrained(example_states() / "weather-5v2.safetensors")
+    state = State.from_pretrained(FIXTURES / "weather-5v2.safetensors")
     text = repr(state)
     assert "\n" not in text and "tensor(" not in text and len(text) < 300
     assert text.startswith("State(v5.2, 12 layers x 8 heads x 8, wkv + token shift, for tiny-rwkv-5v2-730K")
 
 
 def test_generate_and_evaluate_use_the_state(tiny):
-    state = State.from_pretrained(example_states() / "weather-5v2.safetensors", model=tiny)
+    state = State.from_pretrained(FIXTURES / "weather-5v2.safetensors", model=tiny)
     greedy = {"max_tokens": 24, "temperature": 0}
     assert tiny.generate("W", state=state, **greedy) == tiny.generate("W", state=state, **greedy)
     assert tiny.generate("W", state=state, **greedy) != tiny.generate("W", **greedy)

@@ -46,7 +46,7 @@ def test_package_data_names_every_data_file_in_the_package():
     assert data - package_data_files() == set(), "add these to [tool.setuptools.package-data] in pyproject.toml"
     names = {p.name for p in data}
     assert set(cuda.SOURCES + cuda.HEADERS) <= names and DEFAULT_MODEL in names
-    assert {p.name for p in example_states().iterdir()} >= {"weather-5v2.safetensors", "README.md"}
+    assert {p.name for p in example_states().iterdir()} >= {"weather.safetensors", "devils-dictionary.safetensors", "README.md"}
 
 
 def test_the_loader_finds_its_sources_inside_the_package_and_says_first_when_they_are_missing(monkeypatch):
@@ -62,7 +62,7 @@ def test_the_bundled_examples_are_found_by_name_and_the_states_fit_the_default_m
     assert example_model() == PACKAGE / "examples" / "models" / DEFAULT_MODEL
     v7 = example_model("tiny-rwkv-7v0-834K")
     assert v7 == example_model("tiny-rwkv-7v0-834K.pth") and v7.is_file()
-    for bad in ("no-such-model", "../states/weather-5v2.safetensors", "/etc/passwd"):
+    for bad in ("no-such-model", "../states/weather.safetensors", "/etc/passwd"):
         with pytest.raises(StateHubError, match=r"no such bundled example model \(bundled: .*tiny-rwkv-5v2") as e:
             example_model(bad)
         assert "\n" not in str(e.value)
@@ -154,7 +154,7 @@ def test_the_wheel_installs_and_works_from_any_folder(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"rwkv_state_hub/wkv/csrc/{n}" for n in cuda.SOURCES + cuda.HEADERS} <= set(names)
     assert {f"rwkv_state_hub/examples/models/{DEFAULT_MODEL}", "rwkv_state_hub/plugins/ai00/ai00.py",
-            "rwkv_state_hub/examples/states/weather-5v2.safetensors"} <= set(names)
+            "rwkv_state_hub/examples/states/weather.safetensors"} <= set(names)
     assert wheel.stat().st_size < 32 << 20, f"{wheel.name}: {wheel.stat().st_size:,} bytes"
     venv = fresh_venv(tmp_path, wheel)
     bin_, elsewhere = venv / "bin", tmp_path / "elsewhere"
@@ -190,7 +190,7 @@ def test_the_wheel_installs_and_works_from_any_folder(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         page = wait_for_page(f"http://127.0.0.1:{port}/config", demo, 240)
-        assert model.stem in page and "weather-5v2.safetensors" in page
+        assert model.stem in page and "weather.safetensors" in page
     finally:
         demo.terminate()
         demo.wait(30)

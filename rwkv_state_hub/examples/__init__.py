@@ -12,7 +12,7 @@ from ..errors import InvalidOptionError
 
 HERE = Path(__file__).resolve().parent
 # the bundled states (states/) are trained for this model, so a demo with no arguments has something to show
-DEFAULT_MODEL = "tiny-rwkv-5v2-730K.pth"
+DEFAULT_MODEL = "rwkv7-example-L4-D256.pth"
 
 
 def example_model(name: str | None = None) -> Path:
