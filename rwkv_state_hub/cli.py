@@ -94,6 +94,23 @@ def _gguf_option(f):
                         "--format llama.cpp state is for: checked against (architecture, dims, weights), required.")(f)
 
 
+QUANT_HELP = "Store the frozen matrices as int8 or nf4 (less memory; matmuls in --precision, the state fp32)."
+
+
+def _check_quant(ctx, param, value: str | None) -> str | None:
+    """--quant of eval and generate, refused in the words of `train`'s (TrainConfig's) check."""
+    from .training.config import QUANT_KINDS
+
+    if value is not None and value not in QUANT_KINDS:
+        raise InvalidOptionError(f"--quant {value}: choose from {', '.join(QUANT_KINDS)}")
+    return value
+
+
+def _quant_option(f):
+    return click.option("--quant", callback=_check_quant, help=QUANT_HELP.replace("--precision", "the model's dtype")
+                        + "  [choices: int8, nf4]")(f)
+
+
 class _Finite(click.FloatRange):
     """A FloatRange that also refuses nan and inf (click's lets nan through every bound)."""
 
@@ -277,6 +294,7 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
 @click.option("--warmup-steps", type=int, help="[default: 10]")
 @click.option("--grad-clip", type=float, help="Gradient norm clip.  [default: 1.0]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Weights' dtype; the state is always fp32.")
+@click.option("--quant", help=QUANT_HELP + "  [choices: int8, nf4]")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations (less memory).")
 @click.option("--memory-budget", type=float,
               help="Peak memory in GiB (CPU): recompute as many layers as that needs.  [default: what is free]")
@@ -339,12 +357,13 @@ def train(config_file, resume, dry_run, exports, report_to, data, val_data, **op
 @click.option("--ctx-len", type=COUNT, default=512, show_default=True,
               help="Tokens per sample, as in training (longer samples are cut).")
 @click.option("--force", is_flag=True, help="Evaluate a state made for another base model anyway.")
+@_quant_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, as_json) -> None:
+def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, quant, as_json) -> None:
     """Held-out loss and accuracy: the base model, a few-shot prompt, and each tuned state."""
     from .evaluate import compare
 
-    rows = compare(model, list(data), list(states), few_shot_data, shots, tokenizer, ctx_len, force)
+    rows = compare(model, list(data), list(states), few_shot_data, shots, tokenizer, ctx_len, force, quant)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -362,7 +381,8 @@ def eval_(model, states, data, few_shot_data, shots, tokenizer, ctx_len, force, 
               help="Continuations of each (seeds SEED, SEED+1, ...).")
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
 @click.option("--force", is_flag=True, help="Use a state made for another base model anyway.")
-def generate(model, state_path, prompt, samples, tokenizer, force, **sampling) -> None:
+@_quant_option
+def generate(model, state_path, prompt, samples, tokenizer, force, quant, **sampling) -> None:
     """Continue a prompt with the base model and, with --state, with the tuned state, side by side.
     The sampling defaults are the demo page's: the same seed and settings give the same text."""
     from .formats import load_state
@@ -371,7 +391,7 @@ def generate(model, state_path, prompt, samples, tokenizer, force, **sampling) -
     from .model import load_model
     from .tokenizer import get_tokenizer
 
-    m = load_model(model)
+    m = load_model(model, quant=quant)
     tok = get_tokenizer(tokenizer, m.spec)
     state = None
     if state_path:

@@ -79,15 +79,17 @@ def compare(
     tokenizer_name: str | None = None,
     ctx_len: int = 512,
     force: bool = False,
+    quant: str | None = None,
 ) -> list[dict]:
     """The table of `rwkv-state eval`: base model (zero state), base model after a few-shot prompt drawn
-    from `few_shot_data`, and each tuned state, all on the same held-out samples."""
+    from `few_shot_data`, and each tuned state, all on the same held-out samples (`quant`: on the model with
+    its matrices stored as int8 or nf4)."""
     from .data import load_dataset
     from .formats import load_state
     from .model import load_model
     from .tokenizer import get_tokenizer
 
-    model = load_model(model_path)
+    model = load_model(model_path, quant=quant)
     tok = get_tokenizer(tokenizer_name, model.spec)
     held_out = load_dataset(data, tok, ctx_len, model.spec.vocab_size)
     rows = [{"name": "base model (zero state)", **vars(evaluate(model, held_out))}]

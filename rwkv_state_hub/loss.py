@@ -1,10 +1,10 @@
 """The one loss: cross-entropy over trained tokens through the model's head, a chunk of rows at a time.
 
 Training, validation, `rwkv-state eval` and the benchmarks all call `batch_loss`. Full-vocabulary logits never
-exist for the whole batch at once (HEAD_CHUNK_BYTES of them at most), so a 65k vocabulary at ctx 4096 costs
-32 MiB, not 1 GiB. When a state is trained, the gradient to the hidden states is worked out in the same pass
-as the loss (the head is frozen: nothing else needs a gradient), so nothing of the size of the logits is kept
-for the backward pass and the head runs once.
+exist for the whole batch at once (HEAD_CHUNK_BYTES of them at most, 4x for a quantized head), so a 65k
+vocabulary at ctx 4096 costs 32 MiB, not 1 GiB. When a state is trained, the gradient to the hidden states is
+worked out in the same pass as the loss (the head is frozen: nothing else needs a gradient), so nothing of the
+size of the logits is kept for the backward pass and the head runs once.
 """
 
 from __future__ import annotations
@@ -13,11 +13,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .model.quant import QuantizedLinear
+
 HEAD_CHUNK_BYTES = 32 << 20  # fp32 logits alive at once (512 positions of a 16k vocab, 128 of a 65k one)
+# a quantized head dequantizes all its rows for each chunk of positions (twice with a gradient): 4x the positions
+# per chunk keep that cost, 1-3 ns a weight on a CPU, small beside the matmuls (512 positions of a 65k vocab)
+QUANTIZED_HEAD_CHUNK_FACTOR = 4
+
+Head = Tensor | QuantizedLinear  # a frozen head's weight [V, C], or the head itself when quantized
 
 
-def _chunk_rows(vocab_size: int) -> int:
-    return max(16, HEAD_CHUNK_BYTES // (vocab_size * 4))
+def head_chunk_bytes(head: nn.Module) -> int:
+    """The most bytes of fp32 logits that exist at once for this head (model.head)."""
+    return HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if isinstance(head, QuantizedLinear) else 1)
+
+
+def _chunk_rows(head: Head) -> int:
+    vocab_size = head.out_features if isinstance(head, QuantizedLinear) else head.shape[0]
+    return max(16, head_chunk_bytes(head) // (vocab_size * 4))
+
+
+def _operand(head: nn.Module) -> Head:
+    return head if isinstance(head, QuantizedLinear) else head.weight.detach()
+
+
+def _logits(h: Tensor, head: Head) -> Tensor:
+    """h [rows, C] -> logits [rows, V] in h's dtype (the matmul in the head's dtype)."""
+    return head.matmul(h) if isinstance(head, QuantizedLinear) else F.linear(h.to(head.dtype), head).to(h.dtype)
+
+
+def _back(g: Tensor, head: Head) -> Tensor:
+    """d loss / d logits [rows, V] -> d loss / d h [rows, C] in g's dtype."""
+    return head.matmul_t(g) if isinstance(head, QuantizedLinear) else (g.to(head.dtype) @ head).to(g.dtype)
 
 
 class _FrozenHeadLoss(torch.autograd.Function):
@@ -26,16 +53,16 @@ class _FrozenHeadLoss(torch.autograd.Function):
     out chunk by chunk during the forward pass and kept for backward (the size of `hidden`, not of the logits)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, head: Tensor, targets: Tensor, weight: Tensor, want_grad: bool):
+    def forward(ctx, hidden: Tensor, head: Head, targets: Tensor, weight: Tensor, want_grad: bool):
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets, weight = targets.reshape(-1), weight.reshape(-1).to(hidden.dtype)
         grad = torch.empty_like(flat) if want_grad else None
         nll = flat.new_empty(flat.shape[0])
         correct = flat.new_zeros(())
-        rows = _chunk_rows(head.shape[0])
+        rows = _chunk_rows(head)
         for s in range(0, flat.shape[0], rows):
             h, t, wt = flat[s : s + rows], targets[s : s + rows, None], weight[s : s + rows, None]
-            logits = F.linear(h.to(head.dtype), head).to(h.dtype)             # [rows, V]
+            logits = _logits(h, head)                                         # [rows, V]
             lse = logits.logsumexp(-1, keepdim=True)
             nll[s : s + rows] = (lse - logits.gather(1, t))[:, 0]
             if grad is None:
@@ -43,7 +70,7 @@ class _FrozenHeadLoss(torch.autograd.Function):
                 continue
             probs = logits.sub_(lse).exp_()                                   # softmax, in place
             probs.scatter_add_(1, t, torch.full_like(wt, -1.0)).mul_(wt)      # d loss / d logits
-            grad[s : s + rows] = (probs.to(head.dtype) @ head).to(h.dtype)
+            grad[s : s + rows] = _back(probs, head)
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.shape = hidden.shape
@@ -56,14 +83,15 @@ class _FrozenHeadLoss(torch.autograd.Function):
         return (grad * grad_total).view(ctx.shape), None, None, None, None
 
 
-def head_loss(hidden: Tensor, head: nn.Linear, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+def head_loss(hidden: Tensor, head: nn.Linear | QuantizedLinear, targets: Tensor,
+              weight: Tensor) -> tuple[Tensor, Tensor | None]:
     """(sum(cross_entropy(head(hidden), targets) * weight), correct argmax predictions weighted alike; None
     when a gradient is wanted). hidden [B, T, C]; targets [B, T] (valid ids everywhere, 0 at padding);
     weight [B, T]. The head must be frozen when a gradient is wanted: only d loss / d hidden is computed."""
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
-    if want_grad and head.weight.requires_grad:
+    if want_grad and any(p.requires_grad for p in head.parameters()):
         raise ValueError("head_loss is for a frozen head; this head requires a gradient")
-    total, correct, _ = _FrozenHeadLoss.apply(hidden, head.weight.detach(), targets, weight, want_grad)
+    total, correct, _ = _FrozenHeadLoss.apply(hidden, _operand(head), targets, weight, want_grad)
     return total, None if want_grad else correct
 
 
@@ -78,7 +106,7 @@ def batch_loss(model, batch, state) -> tuple[Tensor, Tensor | None]:
 def token_losses(model, batch, state) -> Tensor:
     """Cross-entropy at every position [B, T] (padding included: mask it with batch.loss_mask)."""
     hidden, _ = model.hidden(batch.inputs, state, batch.mask)
-    return _FrozenHeadLoss.apply(hidden, model.head.weight, batch.targets, batch.loss_mask, False)[2]
+    return _FrozenHeadLoss.apply(hidden, _operand(model.head), batch.targets, batch.loss_mask, False)[2]
 
 
 def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0) -> Tensor:

@@ -46,7 +46,8 @@ def test_package_data_names_every_data_file_in_the_package():
     assert data - package_data_files() == set(), "add these to [tool.setuptools.package-data] in pyproject.toml"
     names = {p.name for p in data}
     assert set(cuda.SOURCES + cuda.HEADERS) <= names and DEFAULT_MODEL in names
-    assert {p.name for p in example_states().iterdir()} >= {"weather.safetensors", "devils-dictionary.safetensors", "README.md"}
+    bundled = {p.name for p in example_states().iterdir()}
+    assert bundled >= {"weather.safetensors", "devils-dictionary.safetensors", "README.md"}
 
 
 def test_the_loader_finds_its_sources_inside_the_package_and_says_first_when_they_are_missing(monkeypatch):

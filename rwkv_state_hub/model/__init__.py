@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..checkpoint import ModelSpec, read_checkpoint, spec_from_state_dict
 from . import v5, v6, v7
 from .common import RWKV, EncodedState, LearnedState, RecurrentState
+from .quant import QuantizedLinear, check_kind, page_out_file_pages, quantize_model, quantized_names
 
 _MIXERS = {"v5.2": (v5.TimeMix, v5.ChannelMix), "v6": (v6.TimeMix, v6.ChannelMix), "v7": (v7.TimeMix, v7.ChannelMix)}
 
@@ -24,21 +25,33 @@ def build_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     compute_dtype: torch.dtype = torch.float32,
+    quant: str | None = None,
 ) -> RWKV:
     """Put checkpoint tensors into an RWKV module. Matrices (Linear, embedding, head) take `dtype`
     (default: as stored); everything else takes `compute_dtype` (fp32; fp64 only for gradient checks).
+    `quant` ("int8", "nf4"): the Linear matrices are quantized straight from the checkpoint's tensors, one at a
+    time, with matmuls in `dtype` (quant.py); the model still holds every tensor it keeps as its own copy, so a
+    memory-mapped checkpoint is unmapped once loaded and its pages stop counting.
     The embedding is a lookup, so it is never widened (a bf16 table stays bf16: each looked-up row is
     widened exactly, and the widened table, 200 MB for a 0.1B model, never exists). Tensors already in
     the wanted dtype are used as they are, not copied: with a memory-mapped checkpoint the model holds
     the only copy. No weight ever requires a gradient."""
+    check_kind(quant)
     with torch.device("meta"):
         model = RWKV(spec, *_MIXERS[spec.arch])
     linear_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)}
+    quantized = {f"{name}.weight" for name in quantized_names(model)} if quant else set()
     for name, param in list(model.named_parameters()):
         t = weights[name]
         t = t.reshape(-1) if param.dim() == 1 else t
+        if name in quantized:
+            model.set_submodule(name.rpartition(".")[0], QuantizedLinear.from_weight(t.to(device), quant, dtype))
+            continue
         want = (dtype or t.dtype) if name in linear_weights else compute_dtype
-        if name == "emb.weight" and want.itemsize > t.dtype.itemsize:
+        if quant and want == t.dtype and t.device.type == "cpu":
+            t, source = t.clone(), t  # not a view of the memory-mapped file: it is unmapped once loaded
+            page_out_file_pages(source)
+        elif name == "emb.weight" and want.itemsize > t.dtype.itemsize:
             # its own copy: a memory-mapped checkpoint whose other tensors were widened can then be unmapped
             t = t.to(device=device, copy=True)
         else:
@@ -49,11 +62,13 @@ def build_model(
 
 
 def load_model(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+    quant: str | None = None,
 ) -> RWKV:
-    """Read a BlinkDL `.pth` checkpoint (safely, memory-mapped) into a frozen model."""
+    """Read a BlinkDL `.pth` checkpoint (safely, memory-mapped) into a frozen model; `quant` ("int8", "nf4")
+    stores its matrices quantized (build_model)."""
     spec, weights = read_checkpoint(path)
-    return build_model(spec, weights, dtype=dtype, device=device)
+    return build_model(spec, weights, dtype=dtype, device=device, quant=quant)
 
 
 def model_from_state_dict(weights: dict[str, Tensor], dtype: torch.dtype | None = None, **kwargs) -> RWKV:
@@ -63,4 +78,5 @@ def model_from_state_dict(weights: dict[str, Tensor], dtype: torch.dtype | None 
 
 __all__ = [
     "RWKV", "EncodedState", "LearnedState", "RecurrentState", "build_model", "load_model", "model_from_state_dict",
+    "quantize_model",
 ]

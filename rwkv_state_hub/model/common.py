@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import ModelSpec
+from .quant import QuantizedLinear
 
 GROUP_NORM_EPS = 64e-5  # the per-head norm of ln_x, as the rwkv pip package and RWKV-LM (x / 8, eps 1e-5)
 
@@ -127,8 +128,11 @@ class EncodedState(nn.Module):
         return RecurrentState(self.wkv[None], self.shift[None, :, 0], self.shift[None, :, 1])
 
 
-def linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    """The matmul in the weight's own dtype (bf16 checkpoints stay bf16); the result in x's dtype (fp32)."""
+def linear(x: Tensor, layer: nn.Linear | QuantizedLinear) -> Tensor:
+    """The matmul in the weight's own dtype (bf16 checkpoints stay bf16); the result in x's dtype (fp32).
+    A quantized matrix (quant.py) dequantizes a block of its rows at a time into that dtype."""
+    if isinstance(layer, QuantizedLinear):
+        return layer(x)
     w = layer.weight
     return F.linear(x.to(w.dtype), w).to(x.dtype)
 
@@ -261,14 +265,14 @@ class RWKV(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu", token: str | None = None) -> RWKV:
+                        device: str | torch.device = "cpu", token: str | None = None, quant: str | None = None) -> RWKV:
         """A frozen model from a BlinkDL `.pth` checkpoint: a local path, or hf://owner/repo/file.pth (downloaded
         through huggingface_hub's cache). Read safely (weights only, memory-mapped); `dtype` for the matrices
-        (default: as stored)."""
+        (default: as stored); `quant` "int8" or "nf4" stores them quantized (model/quant.py)."""
         from ..hub import resolve_model
         from . import load_model
 
-        return load_model(resolve_model(model, token=token), dtype=dtype, device=device)
+        return load_model(resolve_model(model, token=token), dtype=dtype, device=device, quant=quant)
 
     @property
     def tokenizer(self):

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from ..loss import HEAD_CHUNK_BYTES
+from ..loss import head_chunk_bytes
 from .common import RWKV, RecurrentState
 
 PROBE_TOKENS = 32
@@ -110,7 +110,7 @@ def plan_recompute(model: RWKV, batch: int, ctx: int, budget_bytes: float) -> in
     width = model.ln_out.weight.dtype.itemsize  # the residual stream's dtype (fp32)
     saved = saved_bytes_per_token(model) * tokens                    # one block's activations
     inputs = 2 * tokens * C * width                                   # a recomputed block keeps x (and v7's v_first)
-    head = 2 * HEAD_CHUNK_BYTES + 2 * tokens * C * width              # logits of one chunk, hidden and its gradient
+    head = 2 * head_chunk_bytes(model.head) + 2 * tokens * C * width  # logits of one chunk, hidden and its gradient
     now = rss_bytes()
     for n in range(L + 1):
         estimate = now + head + BASE_BLOCKS * saved + (L - n) * KEPT_FACTOR * saved + n * inputs

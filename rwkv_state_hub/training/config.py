@@ -23,6 +23,7 @@ EXPORT_NAMES = {"pth": "state.pth", "ai00": "state.st", "safetensors": "state.sa
 TRACKERS = ("trackio", "wandb", "tensorboard")
 KERNELS = ("auto", "torch", "cuda")
 PRECISIONS = ("fp32", "bf16")
+QUANT_KINDS = ("int8", "nf4")  # model/quant.py KINDS (tests/test_quant.py keeps them equal)
 INT_MAX = 2**31 - 1  # no count or length of ours needs more; larger ones overflow torch and numpy int32
 SEED_MAX = 2**32 - 1
 EPOCHS_MAX = 1e6
@@ -53,6 +54,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     precision: str = "fp32"
+    quant: str | None = None  # the frozen matrices stored as int8 or nf4 (matmuls in `precision`; state fp32)
     grad_checkpoint: bool = False
     memory_budget: float | None = None  # GiB of peak RSS (CPU); None: recompute only if RAM would run out
     time_chunk: int | None = None  # exact long context: forward/backward this many tokens at a time (None: whole)
@@ -223,6 +225,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], str | None] | None]] = {
     "adam_eps": ("number", _between(0, low_open=True)),
     "grad_clip": ("number", _between(0, low_open=True)),
     "precision": ("text", _one_of(PRECISIONS)),
+    "quant": ("text?", _one_of(QUANT_KINDS)),
     "grad_checkpoint": ("bool", None),
     "memory_budget": ("number?", _between(0, low_open=True, hint=lambda: " GiB")),
     "time_chunk": ("int?", _between(16, INT_MAX, hint=lambda: " tokens")),

@@ -28,6 +28,7 @@ from ..errors import InvalidDataError, InvalidOptionError, TrainingDiverged, opt
 from ..evaluate import EvalResult, evaluate
 from ..formats import export_state, save_native
 from ..model import RWKV, build_model, memory
+from ..model.quant import matrix_dtype, quantization
 from ..plot import plot_losses
 from ..state import State
 from ..tokenizer import Tokenizer, get_tokenizer
@@ -82,13 +83,14 @@ def train_state(model: RWKV, data, config: TrainConfig | None = None, *, out: st
     if resume and out is None:
         raise InvalidOptionError(f"{option('resume', True)} continues a run saved in a folder; pass {option('out')}")
     cfg = replace(config or TrainConfig(), model=model.spec.path or model.spec.name, out=str(out or "."),
-                  precision="bf16" if model.head.weight.dtype == torch.bfloat16 else "fp32")
+                  precision="bf16" if matrix_dtype(model.head) == torch.bfloat16 else "fp32",
+                  quant=quantization(model))
     with tempfile.TemporaryDirectory(prefix="rwkv-state-records-") as tmp:
         cfg = replace(cfg, data=_as_paths(data, "data", Path(tmp)), val_data=_as_paths(val_data, "val_data", Path(tmp)))
         cfg.validate()
         cfg.require("data")
         tracking.require(cfg.report_to)
-        device = model.head.weight.device
+        device = model.ln_out.weight.device
         torch.manual_seed(cfg.seed)
         result = _fit(model, cfg, Path(out) if out is not None else None, Distributed.from_env(device), device,
                       resume, progress)
@@ -96,10 +98,10 @@ def train_state(model: RWKV, data, config: TrainConfig | None = None, *, out: st
 
 
 def load_model_for(cfg: TrainConfig, device: torch.device) -> RWKV:
-    """The frozen model of cfg.model in cfg.precision on `device`."""
+    """The frozen model of cfg.model in cfg.precision on `device` (its matrices quantized with cfg.quant)."""
     spec, weights = read_checkpoint(cfg.model)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    return build_model(spec, weights, dtype=dtype, device=device)
+    return build_model(spec, weights, dtype=dtype, device=device, quant=cfg.quant)
 
 
 def load_inputs(cfg: TrainConfig, spec) -> Inputs:

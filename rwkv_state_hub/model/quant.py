@@ -1,0 +1,208 @@
+"""Frozen matrices stored quantized (`--quant int8|nf4`): the same weights in 1 or about 0.56 byte each.
+
+State tuning never computes a weight gradient, so a matrix is only ever used two ways: y = x W^T (forward)
+and g W (the gradient sent back to x, towards the state). `QuantizedLinear` does both from its int8 or NF4
+codes, dequantizing CHUNK_BYTES of rows at a time into the matmul dtype (bf16 or fp32: the dtype the matrix
+had), so a full-precision copy of a matrix never exists, not even for an instant. Everything else (the
+embedding, norms, LoRA maps, the recurrence and the state) is untouched and stays fp32.
+
+- int8: one scale per output row (absmax / 127); the scale multiplies the output, so dequantizing is a cast.
+- nf4: QLoRA's 16 NormalFloat levels, one absmax per block of 64 weights along a row, two codes per byte.
+
+docs/quantization.md has the measurements behind this choice (and why not torchao or bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import InvalidCheckpointError
+
+KINDS = ("int8", "nf4")
+BLOCK = 64  # nf4: weights per absmax
+CHUNK_BYTES = 16 << 20  # dequantized weights alive at once
+QUANTIZE_CHUNK_WEIGHTS = 1 << 18  # weights quantized at once: small temporaries, so the heap does not grow
+# QLoRA's NormalFloat4 (Dettmers et al. 2023, bitsandbytes): quantiles of N(0, 1) scaled to [-1, 1], exact 0
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])
+_NF4_EDGES = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2  # a value goes to the nearest level
+_BYTES = torch.arange(256)
+_NF4_PAIRS = torch.stack((NF4_LEVELS[_BYTES >> 4], NF4_LEVELS[_BYTES & 15]), 1)  # byte -> (even, odd) column
+
+
+def check_kind(kind: str | None) -> None:
+    """ValueError unless `kind` is None (no quantization) or one of KINDS."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown quantization {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def _rows_per_chunk(in_features: int, itemsize: int) -> int:
+    return max(1, CHUNK_BYTES // (in_features * itemsize))
+
+
+def _quantize_rows(w: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """Codes and scales of some rows of a matrix (any float dtype; worked out in fp32)."""
+    w = w.float()
+    if kind == "int8":
+        scale = w.abs().amax(1) / 127
+        q = (w / torch.where(scale > 0, scale, 1.0)[:, None]).round_().clamp_(-127, 127)
+        return q.to(torch.int8), scale
+    rows, cols = w.shape
+    padded = -cols % BLOCK
+    blocks = F.pad(w, (0, padded)).view(rows, -1, BLOCK)
+    absmax = blocks.abs().amax(-1)
+    idx = torch.bucketize(blocks / torch.where(absmax > 0, absmax, 1.0)[..., None], _NF4_EDGES.to(w.device),
+                          out_int32=True).view(rows, -1)
+    return ((idx[:, 0::2] << 4) | idx[:, 1::2]).to(torch.uint8), absmax
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen bias-free nn.Linear whose weight [out_features, in_features] is held as int8 or NF4 codes
+    (buffers `codes` and `scale`). `matmul(x)` = x W^T and `matmul_t(g)` = g W, both in `dtype`; calling
+    the module is `matmul` with a backward pass that sends the gradient to x (never to the weight)."""
+
+    def __init__(self, kind: str, codes: Tensor, scale: Tensor, in_features: int, dtype: torch.dtype):
+        super().__init__()
+        check_kind(kind)
+        self.kind, self.in_features, self.out_features, self.dtype = kind, in_features, codes.shape[0], dtype
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, kind: str, dtype: torch.dtype | None = None) -> QuantizedLinear:
+        """Quantize a weight a chunk of rows at a time (a memory-mapped weight is read, never copied whole).
+        `dtype`: of the matmuls (default: the weight's own)."""
+        check_kind(kind)
+        out_features, in_features = weight.shape
+        step = max(1, QUANTIZE_CHUNK_WEIGHTS // in_features)
+        parts = [_quantize_rows(weight[a : a + step], kind) for a in range(0, out_features, step)]
+        codes, scale = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if not bool(torch.isfinite(scale).all()):
+            raise InvalidCheckpointError("a matrix holds non-finite values (NaN or inf): it cannot be quantized")
+        page_out_file_pages(weight)
+        return cls(kind, codes, scale, in_features, dtype or weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
+
+    def dequantize(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows start:stop of the weight in `dtype` (for int8 without the row scale, which `matmul` applies)."""
+        codes = self.codes[start:stop]
+        if self.kind == "int8":
+            return codes.to(self.dtype)
+        pairs = _NF4_PAIRS.to(device=codes.device, dtype=self.dtype)
+        w = F.embedding(codes.int(), pairs).view(codes.shape[0], -1, BLOCK)
+        w.mul_(self.scale[start:stop, :, None].to(self.dtype))
+        return w.view(codes.shape[0], -1)[:, : self.in_features]
+
+    def to_dense(self) -> Tensor:
+        """The whole weight as the matmuls see it, in `dtype` (a full copy: for tests and inspection only)."""
+        w = self.dequantize()
+        return w * self.scale[:, None].to(self.dtype) if self.kind == "int8" else w
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x [..., in] -> x W^T [..., out] in x's dtype; the products in `dtype`."""
+        x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        step = _rows_per_chunk(self.in_features, self.dtype.itemsize)
+        for a in range(0, self.out_features, step):
+            part = out[:, a : a + step]
+            part.copy_(x2 @ self.dequantize(a, a + step).T)
+            if self.kind == "int8":
+                part.mul_(self.scale[a : a + step].to(x.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def matmul_t(self, g: Tensor) -> Tensor:
+        """g [..., out] -> g W [..., in] in g's dtype (the gradient w.r.t. the input of `matmul`)."""
+        g2 = g.reshape(-1, self.out_features)
+        out = None
+        step = _rows_per_chunk(self.in_features, self.dtype.itemsize)
+        for a in range(0, self.out_features, step):
+            ga = g2[:, a : a + step]
+            if self.kind == "int8":
+                ga = ga * self.scale[a : a + step].to(g.dtype)
+            part = ga.to(self.dtype) @ self.dequantize(a, a + step)
+            out = part.to(g.dtype) if out is None else out.add_(part)
+        return out.view(*g.shape[:-1], self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _QuantizedMatmul.apply(x, self)
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """y = x W^T whose backward is g W only. It saves no tensor: the codes are the module's (the autograd
+    graph, activation checkpointing and memory.saved_bytes_per_token see no weight)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantizedLinear) -> Tensor:
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.layer.matmul_t(grad), None
+
+
+def page_out_file_pages(t: Tensor) -> None:
+    """Let the kernel drop the pages of a tensor memory-mapped from a checkpoint once quantized or copied: else each
+    page read counts in RSS until the whole file is unmapped (3 GB for a bf16 1.5B model, all at the peak).
+    MADV_PAGEOUT loses nothing (a clean file page is read again if touched); only Linux 5.4+ has it."""
+    advice = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform == "linux" else None)  # Python 3.11 lacks the name
+    if advice is None or t.device.type != "cpu" or not t.is_contiguous():
+        return
+    start = t.data_ptr()
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: a neighbour's tensor may share the others
+    hi = (start + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo and _file_mapped(lo, hi):
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice)
+
+
+def _file_mapped(lo: int, hi: int) -> bool:
+    """Whether [lo, hi) lies in one mapping of a file (/proc/self/maps: a pathname and an inode)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                a, b = (int(x, 16) for x in fields[0].split("-"))
+                if a <= lo and hi <= b:
+                    return len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def quantized_names(model: nn.Module) -> list[str]:
+    """The matrices `common.linear` multiplies by (every nn.Linear: att, ffn and the head), by module name."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_model(model: nn.Module, kind: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every nn.Linear of a loaded model by its QuantizedLinear (in place; returns the model), dropping
+    the original weights. `dtype`: of the matmuls (default: each weight's own). The model stays the same base
+    model (spec, sha256 and fingerprint), run from rounded weights: its states load on the unquantized one."""
+    check_kind(kind)
+    for name in quantized_names(model):
+        layer = model.get_submodule(name)
+        model.set_submodule(name, QuantizedLinear.from_weight(layer.weight.detach(), kind, dtype))
+        del layer.weight
+    return model
+
+
+def quantization(model: nn.Module) -> str | None:
+    """"int8" or "nf4" if the model's matrices are quantized, else None."""
+    return next((m.kind for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+
+
+def matrix_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a Linear or QuantizedLinear multiplies in (what `--precision` chose)."""
+    return layer.dtype if isinstance(layer, QuantizedLinear) else layer.weight.dtype
