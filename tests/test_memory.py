@@ -17,7 +17,7 @@ from rwkv_state_hub.checkpoint import read_checkpoint
 from rwkv_state_hub.data import Batch
 from rwkv_state_hub.errors import speak_cli
 from rwkv_state_hub.loss import batch_loss, head_loss
-from rwkv_state_hub.model import LearnedState, build_model, common, load_model
+from rwkv_state_hub.model import LearnedState, build_model, common, load_model, memory
 from rwkv_state_hub.model.memory import plan_recompute, rss_bytes, saved_bytes_per_token
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 
@@ -186,28 +186,29 @@ def test_bench_one_config_on_a_small_model(tmp_path):
     assert r.returncode != 0 and "--configs fast" in r.stderr
 
 
-def test_train_rejects_a_non_positive_memory_budget(tmp_path):
-    from rwkv_state_hub.training import TrainConfig, train
-    from rwkv_state_hub.training.loop import recompute_layers
+def test_train_rejects_a_non_positive_memory_budget_and_one_too_small(tmp_path):
+    from rwkv_state_hub.training import TrainConfig, budget, train
 
     speak_cli(False)  # Python's words: memory_budget=0
     cpu = torch.device("cpu")
     model = load_model(REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth")
     with pytest.raises(StateHubError, match="memory_budget=0: must be greater than 0"):
-        recompute_layers(model, TrainConfig(memory_budget=0), cpu)
+        budget.plan(model, TrainConfig(memory_budget=0), cpu)
     # refused before anything is loaded ("m" does not exist), even where the budget would go unused
     with pytest.raises(StateHubError, match="memory_budget=-1"):
         train(TrainConfig(model="m", data=["d"], out=str(tmp_path), memory_budget=-1, grad_checkpoint=True),
               progress=False)
-    assert recompute_layers(model, TrainConfig(memory_budget=1e-3), cpu) == model.spec.n_layer
-    assert recompute_layers(model, TrainConfig(memory_budget=1e6), cpu) == 0
-    assert recompute_layers(model, TrainConfig(memory_budget=1e6, grad_checkpoint=True), cpu) == model.spec.n_layer
+    with pytest.raises(StateHubError, match=r"memory_budget=0.001: .* the least that would work is memory_budget="):
+        budget.plan(model, TrainConfig(memory_budget=1e-3), cpu)
+    roomy = budget.plan(model, TrainConfig(memory_budget=1e6), cpu)
+    assert (roomy.recompute, roomy.time_chunk, roomy.fits) == (0, None, True)
+    assert budget.plan(model, TrainConfig(memory_budget=1e6, grad_checkpoint=True), cpu).recompute == 12
 
 
 def test_training_under_a_tight_memory_budget_learns_the_same_state(tmp_path, monkeypatch):
     from test_train import cfg
 
-    from rwkv_state_hub.training import train
+    from rwkv_state_hub.training import budget, train
 
     recomputed = []  # one entry per block run under checkpointing
 
@@ -219,8 +220,46 @@ def test_training_under_a_tight_memory_budget_learns_the_same_state(tmp_path, mo
     monkeypatch.setattr(common, "checkpoint", counting_checkpoint)
     plain = train(cfg(tmp_path, out=str(tmp_path / "a"), steps=2), progress=False).state
     assert recomputed == []  # no budget given and a tiny model: it fits, nothing is recomputed
-    lean = train(cfg(tmp_path, out=str(tmp_path / "b"), steps=2, memory_budget=1e-3), progress=False).state
+    # a budget between the step recomputing every block and one keeping a block's activations (RSS held fixed,
+    # so that the estimate does not move between here and the run)
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 200 << 20)
+    monkeypatch.setattr(budget, "LOAD_FIXED", 0)  # with the RSS held fixed, loading adds nothing to it
+    c = cfg(tmp_path)
+    model = load_model(c.model)
+    *_, keep_one, recompute_all = memory.step_estimates(model, c.micro_bsz, c.ctx_len)
+    tight = ((keep_one + recompute_all) / 2 + budget.RUN_SLACK) / 2**30
+    lean = train(cfg(tmp_path, out=str(tmp_path / "b"), steps=2, memory_budget=tight), progress=False).state
     n_layer = read_checkpoint(cfg(tmp_path).model)[0].n_layer
     assert len(recomputed) == 2 * n_layer  # 2 steps of one micro-batch: every block recomputed each time
     assert torch.allclose(plain.wkv, lean.wkv, atol=1e-6)
-    assert lean.metadata["training"]["hyperparameters"]["memory_budget"] == 1e-3
+    assert lean.metadata["training"]["hyperparameters"]["memory_budget"] == tight
+
+
+def test_a_budget_recomputing_cannot_meet_runs_in_time_chunks(monkeypatch):
+    """plan_step: the longest time chunk with the fewest recomputed blocks within the budget (RSS held fixed)."""
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 200 << 20)
+    model = load_model(REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-7v0-834K.pth")
+    whole, half = memory.step_estimates(model, 2, 512), memory.step_estimates(model, 2, 256)
+    roomy = memory.plan_step(model, 2, 512, whole[0] + 1)
+    assert (roomy.recompute, roomy.time_chunk, roomy.fits) == (0, None, True)
+    chunked = memory.plan_step(model, 2, 512, (whole[-1] + half[-1]) / 2)
+    assert chunked.fits and chunked.time_chunk == 256 and chunked.estimate <= (whole[-1] + half[-1]) / 2
+    assert chunked.recompute == next(n for n, e in enumerate(half) if e <= (whole[-1] + half[-1]) / 2)
+    hopeless = memory.plan_step(model, 2, 512, 1 << 20)
+    assert not hopeless.fits and hopeless.time_chunk == memory.MIN_TIME_CHUNK and hopeless.recompute == 12
+
+
+def test_the_cli_refuses_a_budget_too_small_before_loading_and_names_the_least(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "WEATHER. Oslo: sunny. END."}\n')
+    model = REPO / "rwkv_state_hub" / "examples" / "models" / "rwkv7-example-L4-D256.pth"
+    r = subprocess.run([sys.executable, "-m", "rwkv_state_hub.cli", "train", "--model", str(model), "--data",
+                        str(data), "--out", str(tmp_path / "run"), "--memory-budget", "0.05"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    least = float(r.stderr.split("the least that would work is --memory-budget ")[1].split(",")[0])
+    assert "before loading" in r.stderr and least > 0.05 and not (tmp_path / "run").exists()
+    ok = subprocess.run([sys.executable, "-m", "rwkv_state_hub.cli", "train", "--model", str(model), "--data",
+                         str(data), "--out", str(tmp_path / "run"), "--memory-budget", str(least), "--steps", "1"],
+                        capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr[-2000:]

@@ -31,7 +31,9 @@ def build_model(
     (default: as stored); everything else takes `compute_dtype` (fp32; fp64 only for gradient checks).
     `quant` ("int8", "nf4"): the Linear matrices are quantized straight from the checkpoint's tensors, one at a
     time, with matmuls in `dtype` (quant.py); the model still holds every tensor it keeps as its own copy, so a
-    memory-mapped checkpoint is unmapped once loaded and its pages stop counting.
+    memory-mapped checkpoint is unmapped once loaded and its pages stop counting. Whatever is converted or
+    copied, the file's pages it was read from are handed back at once (they would count in RSS for as long as
+    any tensor of the file is still mapped).
     The embedding is a lookup, so it is never widened (a bf16 table stays bf16: each looked-up row is
     widened exactly, and the widened table, 200 MB for a 0.1B model, never exists). Tensors already in
     the wanted dtype are used as they are, not copied: with a memory-mapped checkpoint the model holds
@@ -53,9 +55,12 @@ def build_model(
             page_out_file_pages(source)
         elif name == "emb.weight" and want.itemsize > t.dtype.itemsize:
             # its own copy: a memory-mapped checkpoint whose other tensors were widened can then be unmapped
-            t = t.to(device=device, copy=True)
+            t, source = t.to(device=device, copy=True), t
+            page_out_file_pages(source)
         else:
-            t = t.to(device=device, dtype=want)
+            t, source = t.to(device=device, dtype=want), t
+            if t.data_ptr() != source.data_ptr():  # converted: the file's pages it was read from are not needed
+                page_out_file_pages(source)
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, nn.Parameter(t, requires_grad=False))
     return model.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -101,22 +102,61 @@ def saved_bytes_per_token(model: RWKV) -> int:
     return sum(seen.values()) // (PROBE_TOKENS * model.spec.n_layer)
 
 
-def plan_recompute(model: RWKV, batch: int, ctx: int, budget_bytes: float) -> int:
-    """The fewest leading blocks to recompute so that a training step of `batch` x `ctx` tokens should
-    peak within `budget_bytes` of RSS (this process as it is now, weights included). All blocks when even
-    that does not fit: the least memory this model can train in."""
+MIN_TIME_CHUNK = 64  # the shortest time chunk plan_step tries: below it, per-chunk overheads dominate
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a step stays within a budget: `recompute` leading blocks recompute their activations, and the
+    sequence runs forward and backward `time_chunk` tokens at a time (None: whole). `estimate`: its peak RSS."""
+
+    recompute: int
+    time_chunk: int | None
+    estimate: float
+    fits: bool
+
+
+def _step_estimate(model: RWKV, batch: int, tokens: int, n: int, saved_per_token: int, now: int) -> float:
+    """The peak RSS of a step of `batch` x `tokens` recomputing `n` blocks, from this process's RSS `now`."""
     L, C = model.spec.n_layer, model.spec.n_embd
-    tokens = batch * ctx
     width = model.ln_out.weight.dtype.itemsize  # the residual stream's dtype (fp32)
-    saved = saved_bytes_per_token(model) * tokens                    # one block's activations
-    inputs = 2 * tokens * C * width                                   # a recomputed block keeps x (and v7's v_first)
-    head = 2 * head_chunk_bytes(model.head) + 2 * tokens * C * width  # logits of one chunk, hidden and its gradient
-    now = rss_bytes()
-    for n in range(L + 1):
-        estimate = now + head + BASE_BLOCKS * saved + (L - n) * KEPT_FACTOR * saved + n * inputs
-        if estimate <= budget_bytes:
-            return n
-    return L
+    saved = saved_per_token * batch * tokens                              # one block's activations
+    inputs = 2 * batch * tokens * C * width                               # a recomputed block keeps x (and v_first)
+    head = 2 * head_chunk_bytes(model.head) + 2 * batch * tokens * C * width  # a chunk of logits, hidden, its grad
+    return now + head + BASE_BLOCKS * saved + (L - n) * KEPT_FACTOR * saved + n * inputs
+
+
+def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk: int | None = None) -> StepPlan:
+    """The cheapest way for a step of `batch` x `ctx` tokens to peak within `budget_bytes` of RSS (this process
+    as it is now, weights included): the longest time chunk (from `time_chunk`, or the whole sequence, halving
+    down to MIN_TIME_CHUNK) with the fewest recomputed blocks. Both keep the exact gradient; recomputing costs
+    a second forward pass of a block, chunking only shorter matrix products. When nothing fits, the least
+    memory this model can train in, with fits=False."""
+    per_token, now = saved_bytes_per_token(model), rss_bytes()
+    chunk = min(ctx, time_chunk or ctx)
+    while True:
+        estimates = step_estimates(model, batch, chunk, per_token, now)
+        for n, estimate in enumerate(estimates):
+            if estimate <= budget_bytes:
+                return StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, True)
+        if chunk <= MIN_TIME_CHUNK:
+            return StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, False)
+        chunk = max(MIN_TIME_CHUNK, chunk // 2)
+
+
+def step_estimates(model: RWKV, batch: int, tokens: int, saved_per_token: int | None = None,
+                   now: int | None = None) -> list[float]:
+    """The estimated peak RSS of a step of `batch` x `tokens` recomputing 0, 1, ... n_layer blocks."""
+    per_token = saved_bytes_per_token(model) if saved_per_token is None else saved_per_token
+    now = rss_bytes() if now is None else now
+    return [_step_estimate(model, batch, tokens, n, per_token, now) for n in range(model.spec.n_layer + 1)]
+
+
+def plan_recompute(model: RWKV, batch: int, ctx: int, budget_bytes: float) -> int:
+    """The fewest leading blocks to recompute so that a step of `batch` x `ctx` tokens (no time chunks) should
+    peak within `budget_bytes`; all blocks when even that does not fit."""
+    fits = [n for n, estimate in enumerate(step_estimates(model, batch, ctx)) if estimate <= budget_bytes]
+    return fits[0] if fits else model.spec.n_layer
 
 
 def default_budget() -> int | None:

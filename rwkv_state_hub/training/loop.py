@@ -27,13 +27,13 @@ from ..data import Dataset, load_dataset
 from ..errors import InvalidDataError, InvalidOptionError, TrainingDiverged, option
 from ..evaluate import EvalResult, evaluate
 from ..formats import export_state, save_native
-from ..model import RWKV, build_model, memory
+from ..model import RWKV, build_model
 from ..model.quant import matrix_dtype, quantization
 from ..plot import plot_losses
 from ..state import State
 from ..tokenizer import Tokenizer, get_tokenizer
 from ..wkv import cuda as cuda_wkv
-from . import checkpointing, tracking
+from . import budget, checkpointing, tracking
 from .checkpointing import CHECKPOINT, Progress
 from .config import EXPORT_NAMES, TrainConfig, lr_at
 from .distributed import Distributed, is_main_thread, pick_device
@@ -69,8 +69,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     device = pick_device(cfg.device)
     ddp = Distributed.from_env(device)
     torch.manual_seed(cfg.seed)
-    model = load_model_for(cfg, device)
-    return _fit(model, cfg, Path(cfg.out), ddp, device, resume, progress)
+    spec, weights = read_checkpoint(cfg.model)  # memory-mapped: nothing of the model is read yet
+    inputs = load_inputs(cfg, spec)  # first: bad data stops the run sooner, and its memory counts in the budget
+    model = load_model_for(cfg, device, (spec, weights))
+    del weights  # the model holds what it needs; the file can be unmapped
+    return _fit(model, cfg, Path(cfg.out), ddp, device, resume, progress, inputs)
 
 
 def train_state(model: RWKV, data, config: TrainConfig | None = None, *, out: str | os.PathLike | None = None,
@@ -97,9 +100,12 @@ def train_state(model: RWKV, data, config: TrainConfig | None = None, *, out: st
     return result.state
 
 
-def load_model_for(cfg: TrainConfig, device: torch.device) -> RWKV:
-    """The frozen model of cfg.model in cfg.precision on `device` (its matrices quantized with cfg.quant)."""
-    spec, weights = read_checkpoint(cfg.model)
+def load_model_for(cfg: TrainConfig, device: torch.device, checkpoint=None) -> RWKV:
+    """The frozen model of cfg.model in cfg.precision on `device` (its matrices quantized with cfg.quant), after
+    checking that the memory budget can be met (`checkpoint`: read_checkpoint's (spec, weights), if read)."""
+    spec, weights = checkpoint or read_checkpoint(cfg.model)
+    if device.type == "cpu":
+        budget.check_before_loading(cfg, spec, weights)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     return build_model(spec, weights, dtype=dtype, device=device, quant=cfg.quant)
 
@@ -110,19 +116,6 @@ def load_inputs(cfg: TrainConfig, spec) -> Inputs:
     data = load_dataset(cfg.data, tokenizer, cfg.ctx_len, spec.vocab_size)
     val = load_dataset(cfg.val_data, tokenizer, cfg.ctx_len, spec.vocab_size) if cfg.val_data else None
     return Inputs(tokenizer, data, val)
-
-
-def recompute_layers(model: RWKV, cfg: TrainConfig, device: torch.device) -> int:
-    """How many blocks recompute their activations in the backward pass: all with grad_checkpoint; on the CPU
-    as many as keep a step within memory_budget (or the memory free now); 0 when everything fits."""
-    cfg.validate()  # a direct caller gets the same refusal as train()
-    if cfg.grad_checkpoint:
-        return model.spec.n_layer
-    if device.type != "cpu":
-        return 0
-    budget = cfg.memory_budget * 2**30 if cfg.memory_budget is not None else memory.default_budget()
-    tokens = min(cfg.ctx_len, cfg.time_chunk or cfg.ctx_len)  # a time chunk's activations exist at once, no more
-    return 0 if budget is None else memory.plan_recompute(model, cfg.micro_bsz, tokens, budget)
 
 
 def use_cuda_kernels(cfg: TrainConfig, device: torch.device) -> bool:
@@ -151,6 +144,7 @@ class _Run:
     metrics: list[dict] = field(default_factory=list)
     saved_step: int | None = None  # the step of the last checkpoint written or resumed from
     trackers: tracking.Trackers | None = None
+    time_chunk: int | None = None  # tokens a step runs forward and backward at a time (budget.plan)
 
     @property
     def writes(self) -> bool:
@@ -166,7 +160,7 @@ class _Run:
         """Validation loss and accuracy over every rank's share of the held-out data; keeps the best state."""
         val = self.inputs.val
         mine = [val[i] for i in range(self.ddp.rank, len(val), self.ddp.world)]
-        r = evaluate(self.model, mine, self.learned().detach(), batch_size=max(self.cfg.micro_bsz, 4),
+        r = evaluate(self.model, mine, self.learned().detach(), batch_size=budget.eval_batch(self.cfg),
                      device=self.device)
         sums = self.ddp.sum_(torch.tensor([r.loss * r.n_tokens, r.accuracy * r.n_tokens, r.n_tokens],
                                           dtype=torch.float64))
@@ -219,13 +213,15 @@ class _Run:
 
 
 def _fit(model: RWKV, cfg: TrainConfig, out: Path | None, ddp: Distributed, device: torch.device, resume: bool,
-         show: bool) -> TrainResult:
-    """Load the data, then train `model`'s state as configured: the part train() and train_state() share."""
+         show: bool, inputs: Inputs | None = None) -> TrainResult:
+    """Load the data (unless given), then train `model`'s state as configured: what train() and train_state()
+    share."""
     kernels = use_cuda_kernels(cfg, device)
-    inputs = load_inputs(cfg, model.spec)
-    with _recomputing(model, recompute_layers(model, cfg, device)):
+    inputs = inputs or load_inputs(cfg, model.spec)
+    step = budget.plan(model, cfg, device)
+    with _recomputing(model, step.recompute):
         learned, opt = new_learned(cfg, model.spec, device, model.ln_out.weight.dtype)
-        run = _Run(cfg, model, inputs, learned, opt, out, ddp, device)
+        run = _Run(cfg, model, inputs, learned, opt, out, ddp, device, time_chunk=step.time_chunk)
         if out is not None:
             run.progress, run.metrics = checkpointing.start(out, cfg, learned, opt, resume, ddp.main)
             run.saved_step = run.progress.step if resume and (out / CHECKPOINT).exists() else None
@@ -252,7 +248,7 @@ def _loop(run: _Run, total: int, stop: dict, show: bool) -> None:
             lr = lr_at(p.step, total, cfg)
             set_lr(run.opt, lr)
             micro = rank_batches(run.inputs.data, p.step, cfg, run.ddp, run.device)
-            r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip, time_chunk=cfg.time_chunk)
+            r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip, time_chunk=run.time_chunk)
             if r.problem is not None:
                 raise run.diverged(p.step + 1, r.problem)
             p.step, p.tokens = p.step + 1, p.tokens + r.tokens

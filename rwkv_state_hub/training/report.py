@@ -7,9 +7,10 @@ import time
 import torch
 
 from ..loss import HEAD_CHUNK_BYTES
+from . import budget
 from .config import EXPORT_NAMES, TrainConfig
 from .distributed import SINGLE, pick_device
-from .loop import Inputs, TrainResult, _recomputing, load_inputs, load_model_for, recompute_layers
+from .loop import Inputs, TrainResult, _recomputing, load_inputs, load_model_for
 from .step import global_batch_size, new_learned, rank_batches, total_steps, train_step
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
@@ -51,11 +52,12 @@ def dry_run(cfg: TrainConfig, color: bool = True) -> str:
 
 def _time_one_step(model, cfg: TrainConfig, inputs: Inputs, device: torch.device) -> tuple[float, int]:
     """Seconds and input tokens of one real optimisation step (the first global batch), on a throwaway state."""
-    with _recomputing(model, recompute_layers(model, cfg, device)):
+    step = budget.plan(model, cfg, device)
+    with _recomputing(model, step.recompute):
         learned, opt = new_learned(cfg, model.spec, device, model.ln_out.weight.dtype)
         micro = rank_batches(inputs.data, 0, cfg, SINGLE, device)
         started = time.perf_counter()
-        r = train_step(model, learned, opt, micro, SINGLE, cfg.grad_clip, time_chunk=cfg.time_chunk)
+        r = train_step(model, learned, opt, micro, SINGLE, cfg.grad_clip, time_chunk=step.time_chunk)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return max(time.perf_counter() - started, 1e-9), r.tokens

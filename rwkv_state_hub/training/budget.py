@@ -1,0 +1,107 @@
+"""`--memory-budget` for the whole `rwkv-state train` process, from start to exit (CPU).
+
+Two checks, one before and one after the model is loaded:
+- `check_before_loading`: the least this run can take (this process now, the weights as the model will hold
+  them, the smallest step by formula, RUN_SLACK) against the budget; a budget below it is refused, naming the
+  smallest that would do, before a byte of the model is read.
+- `plan`: once the model is loaded and the data read, the step's plan (model.memory.plan_step, from a probe of
+  the model itself): the longest time chunk and the fewest recomputed blocks that keep the estimated peak
+  within the budget less RUN_SLACK. Still too little: refused, naming the least it measured.
+benchmarks/memory_budget.py measures the result from outside the process, start-up to exit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ..checkpoint import ModelSpec
+from ..errors import InvalidOptionError, option
+from ..loss import HEAD_CHUNK_BYTES, QUANTIZED_HEAD_CHUNK_FACTOR
+from ..model import RWKV, memory
+from .config import TrainConfig
+
+GIB = 2**30
+# what a run holds beyond the model, its data and one step: validation's chunk of logits, the optimizer, a
+# checkpoint or export being written, glibc's heap slack after the step's buffers are freed (measured by
+# benchmarks/memory_budget.py on the 0.1B shape, once validation ran in the step's batch; rounded up)
+RUN_SLACK = 192 << 20
+# what loading adds beyond the weights as held, as a fraction of them, before the step is planned: the probe of
+# model.memory (one short forward and backward through the whole model) and the allocator's slack from
+# converting the weights (0.1B shape, fp32: 0.20 GiB on 0.62). A floor, not a promise: the plan made after
+# loading measures what is really there, and refuses then if the budget still cannot be met.
+LOAD_OVERHEAD = 0.33
+LOAD_FIXED = 128 << 20  # and what any model adds: the modules the step imports, the probe's logits (rounded up)
+ACT_FLOATS = 52  # floats per channel, layer and token a block saves for its backward (measured, v6 and v7)
+QUANT_BYTES = {"int8": 1.0, "nf4": 0.5625}  # bytes per weight with the scales (model/quant.py)
+_LINEAR = re.compile(r"^(head|blocks\.\d+\.(att|ffn)\.(receptance|key|value|output|gate))\.weight$")
+
+
+def held_weight_bytes(weights: dict[str, torch.Tensor], precision: str, quant: str | None) -> int:
+    """Bytes the model will hold for these checkpoint tensors (model.build_model's rules): the matrices in
+    `precision` or quantized, the embedding never widened, everything else fp32."""
+    matrix = QUANT_BYTES[quant] if quant else (2 if precision == "bf16" else 4)
+    total = 0.0
+    for name, t in weights.items():
+        if name.endswith(".time_state"):
+            continue
+        if _LINEAR.match(name):
+            total += t.numel() * matrix
+        elif name == "emb.weight":
+            total += t.numel() * min(t.element_size(), 2 if precision == "bf16" else 4)
+        else:
+            total += t.numel() * 4
+    return int(total)
+
+
+def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> int:
+    """The least --memory-budget this run can take, in bytes, before the model is loaded."""
+    tokens = cfg.micro_bsz * memory.MIN_TIME_CHUNK
+    step = tokens * spec.n_embd * 4 * (2 * spec.n_layer + ACT_FLOATS * memory.BASE_BLOCKS)
+    head = 2 * HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if cfg.quant else 1)
+    held = held_weight_bytes(weights, cfg.precision, cfg.quant)
+    return memory.rss_bytes() + int(held * (1 + LOAD_OVERHEAD) + step) + LOAD_FIXED + head + RUN_SLACK
+
+
+def _refusal(cfg: TrainConfig, least: float, why: str) -> InvalidOptionError:
+    gib = math.ceil(least / GIB * 20) / 20  # rounded up to 0.05 GiB
+    hint = "" if cfg.quant else f", or {option('quant', 'nf4')} to hold the matrices in less"
+    return InvalidOptionError(f"{option('memory_budget', cfg.memory_budget)}: {why}; the least that would work is "
+                              f"{option('memory_budget', gib)}{hint}")
+
+
+def check_before_loading(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse a budget below smallest_budget before the model is loaded (CPU only; no budget: nothing)."""
+    if cfg.memory_budget is None or cfg.grad_checkpoint:
+        return
+    least = smallest_budget(cfg, spec, weights)
+    if cfg.memory_budget * GIB < least:
+        held = held_weight_bytes(weights, cfg.precision, cfg.quant)
+        raise _refusal(cfg, least, f"this run needs more: the weights as held take {held / GIB:.2f} GiB and this "
+                                   f"process {memory.rss_bytes() / GIB:.2f} GiB before loading")
+
+
+def eval_batch(cfg: TrainConfig) -> int:
+    """Validation's batch: at least 4 sequences at once (faster), but no more than a step's under a budget (a
+    no-grad pass of 4 x ctx tokens outgrew a step of 1 x 64 recomputed ones: the run's peak, 0.1B shape)."""
+    return cfg.micro_bsz if cfg.memory_budget is not None else max(cfg.micro_bsz, 4)
+
+
+def plan(model: RWKV, cfg: TrainConfig, device: torch.device) -> memory.StepPlan:
+    """How each step runs: every block recomputed with grad_checkpoint; on the CPU the plan that keeps the whole
+    run within memory_budget (or, with none, the memory free now); elsewhere as configured."""
+    cfg.validate()  # a direct caller gets the same refusal as train()
+    L = model.spec.n_layer
+    if cfg.grad_checkpoint or device.type != "cpu":
+        return memory.StepPlan(L if cfg.grad_checkpoint else 0, cfg.time_chunk, math.nan, True)
+    budget = cfg.memory_budget * GIB if cfg.memory_budget is not None else memory.default_budget()
+    if budget is None:
+        return memory.StepPlan(0, cfg.time_chunk, math.nan, True)
+    step = memory.plan_step(model, cfg.micro_bsz, cfg.ctx_len, budget - RUN_SLACK, cfg.time_chunk)
+    if not step.fits and cfg.memory_budget is not None:
+        chunk = step.time_chunk or cfg.ctx_len
+        raise _refusal(cfg, step.estimate + RUN_SLACK, f"with {model.spec.name} loaded, a step does not fit even "
+                                                        f"with every block recomputed, {chunk} tokens at a time")
+    return step
