@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextvars
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import rwkv
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 from tokenizers import Tokenizer as HFTokenizerLib
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -62,7 +66,28 @@ def test_world_matches_the_pip_tokenizer(pip_world):
 
 
 def test_world_is_built_once():
-    assert get_tokenizer("world")._trie is get_tokenizer("world")._trie
+    assert get_tokenizer("world")._vocab is get_tokenizer("world")._vocab
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 65529), min_size=1, max_size=40), st.binary(max_size=40), st.text(max_size=60))
+def test_world_matches_pip_on_runs_of_its_own_tokens_and_any_bytes(pip_world, ids, noise, text):
+    """The longest match, stressed: the vocabulary's own tokens run together, then any bytes (UTF-8 broken
+    anywhere, as a cut prompt can be) and any text, whole and cut at an odd place."""
+    src = b"".join(pip_world.idx2token.get(i, b"") for i in ids) + noise + text.encode("utf-8")
+    assert get_tokenizer("world")._vocab.encode(src) == pip_world.encodeBytes(src)
+    cut = src[len(src) // 3 :]
+    assert get_tokenizer("world")._vocab.encode(cut) == pip_world.encodeBytes(cut)
+
+
+def test_world_tokenizer_takes_a_few_mb_not_hundreds():
+    """Measured in a fresh process: the pip package's trie took ~295 MB of RSS; our table must stay small."""
+    code = ("from rwkv_state_hub.model.memory import rss_bytes; a = rss_bytes(); "
+            "from rwkv_state_hub.tokenizer import get_tokenizer; t = get_tokenizer('world'); "
+            "assert t.encode('hello world') == [34550, 40213]; print((rss_bytes() - a) >> 20)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) < 60, f"the World tokenizer took {r.stdout.strip()} MiB"
 
 
 def test_world_decode_of_eod_and_cut_characters():
@@ -70,7 +95,7 @@ def test_world_decode_of_eod_and_cut_characters():
     ids = tok.encode("ok")
     assert tok.decode(ids + [0]) == "ok"  # the end-of-document id has no text
     emoji = tok.encode("😀")
-    partial = tok._trie.encodeBytes("😀".encode()[:2])
+    partial = tok._vocab.encode("😀".encode()[:2])
     assert tok.decode(partial) == "\ufffd"  # a cut character is replaced, not an exception
     assert tok.decode(emoji) == "😀"
     with pytest.raises(ValueError, match="outside the World vocabulary"):
