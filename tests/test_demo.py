@@ -454,15 +454,14 @@ def test_app_py_and_the_cli_serve_the_same_page(tmp_path):
            "GRADIO_SERVER_PORT": str(ports[0])}
     env.pop("RWKV_STATE_HUB_STATES", None)
     env.pop("RWKV_STATE_HUB_MODEL", None)
-    cli = [sys.executable, "-m", "rwkv_state_hub.cli", "demo", "--model", str(MODEL),
-           "--states", str(EXAMPLE_STATES), "--port", str(ports[1])]
+    cli = [sys.executable, "-m", "rwkv_state_hub.cli", "demo", "--port", str(ports[1])]  # the defaults, as app.py
     procs = [subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
              subprocess.Popen(cli, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
     try:
         for port in ports:
             page = _wait_for(f"http://127.0.0.1:{port}/config", procs, 180)
-            assert "tiny-rwkv-5v2-730K" in page and WEATHER in page
+            assert "rwkv7-example-L4-D256" in page and "weather.safetensors" in page
     finally:
         for p in procs:
             p.terminate()
