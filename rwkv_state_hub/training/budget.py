@@ -26,14 +26,15 @@ from .config import TrainConfig
 GIB = 2**30
 # what a run holds beyond the model, its data and one step: validation's chunk of logits, the optimizer, a
 # checkpoint or export being written, glibc's heap slack after the step's buffers are freed (measured by
-# benchmarks/memory_budget.py on the 0.1B shape, once validation ran in the step's batch; rounded up)
-RUN_SLACK = 192 << 20
+# benchmarks/memory_budget.py on the 0.1B shape, once validation ran in the step's batch: every budget from the
+# least named up held, at 0.89-0.90 of it near the floor)
+RUN_SLACK = 160 << 20
 # what loading adds beyond the weights as held, as a fraction of them, before the step is planned: the probe of
 # model.memory (one short forward and backward through the whole model) and the allocator's slack from
-# converting the weights (0.1B shape, fp32: 0.20 GiB on 0.62). A floor, not a promise: the plan made after
+# converting the weights (0.1B shape, fp32: up to 0.12 GiB on 0.62). A floor, not a promise: the plan made after
 # loading measures what is really there, and refuses then if the budget still cannot be met.
-LOAD_OVERHEAD = 0.33
-LOAD_FIXED = 128 << 20  # and what any model adds: the modules the step imports, the probe's logits (rounded up)
+LOAD_OVERHEAD = 0.2
+LOAD_FIXED = 96 << 20  # and what any model adds: the modules the step imports, the probe's logits (rounded up)
 ACT_FLOATS = 52  # floats per channel, layer and token a block saves for its backward (measured, v6 and v7)
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5625}  # bytes per weight with the scales (model/quant.py)
 _LINEAR = re.compile(r"^(head|blocks\.\d+\.(att|ffn)\.(receptance|key|value|output|gate))\.weight$")
