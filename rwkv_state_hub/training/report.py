@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
-from ..loss import HEAD_CHUNK_BYTES
+from ..model.memory import StepPlan
 from . import budget
 from .config import EXPORT_NAMES, TrainConfig
 from .distributed import SINGLE, pick_device
@@ -27,7 +28,8 @@ def dry_run(cfg: TrainConfig, color: bool = True) -> str:
     device = pick_device(cfg.device)
     model = load_model_for(cfg, device)
     inputs = load_inputs(cfg, model.spec)
-    seconds, tokens = _time_one_step(model, cfg, inputs, device)
+    step = budget.plan(model, cfg, device)
+    seconds, tokens = _time_one_step(model, cfg, inputs, device, step)
     spec, data, val = model.spec, inputs.data, inputs.val
     total = total_steps(cfg, len(data))
     per_step = global_batch_size(cfg)
@@ -39,8 +41,7 @@ def dry_run(cfg: TrainConfig, color: bool = True) -> str:
         f"data       {len(data)} samples, {data.n_tokens} tokens, {data.n_trained_tokens} trained"
         + (f", {data.n_truncated} truncated to {cfg.ctx_len + 1}" if data.n_truncated else ""),
         f"val data   {len(val)} samples, {val.n_trained_tokens} trained tokens" if val else "val data   none",
-        f"memory     about {_memory_bytes(cfg, inputs, spec) / 2**20:.0f} MiB "
-        f"(weights {_weight_bytes(cfg, spec) / 2**20:.0f} MiB)",
+        _memory_line(model, cfg, step),
         f"steps      {total} ({how})",
         f"time       about {_duration(seconds * total)} at {tokens / seconds:.0f} tokens/s on this machine "
         f"(one step measured: {seconds:.2f} s)",
@@ -50,9 +51,9 @@ def dry_run(cfg: TrainConfig, color: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _time_one_step(model, cfg: TrainConfig, inputs: Inputs, device: torch.device) -> tuple[float, int]:
+def _time_one_step(model, cfg: TrainConfig, inputs: Inputs, device: torch.device,
+                   step: StepPlan) -> tuple[float, int]:
     """Seconds and input tokens of one real optimisation step (the first global batch), on a throwaway state."""
-    step = budget.plan(model, cfg, device)
     with _recomputing(model, step.recompute):
         learned, opt = new_learned(cfg, model.spec, device, model.ln_out.weight.dtype)
         micro = rank_batches(inputs.data, 0, cfg, SINGLE, device)
@@ -63,18 +64,14 @@ def _time_one_step(model, cfg: TrainConfig, inputs: Inputs, device: torch.device
         return max(time.perf_counter() - started, 1e-9), r.tokens
 
 
-def _weight_bytes(cfg: TrainConfig, spec) -> int:
-    return spec.n_params * (2 if cfg.precision == "bf16" else 4)
-
-
-def _memory_bytes(cfg: TrainConfig, inputs: Inputs, spec) -> int:
-    """Weights, plus the activations kept for the backward pass: ~52 floats per channel per layer per token
-    (measured, v6 and v7), and one chunk of logits (see model.memory for the exact probe)."""
-    data = inputs.data
-    longest = max(len(data[i].tokens) for i in range(min(len(data), 1000))) - 1
-    B, T, C, L = cfg.micro_bsz, min(cfg.ctx_len, longest, cfg.time_chunk or longest), spec.n_embd, spec.n_layer
-    act_bytes = B * T * L * C * 52 * 4 // (L if cfg.grad_checkpoint else 1) + 2 * HEAD_CHUNK_BYTES
-    return _weight_bytes(cfg, spec) + act_bytes
+def _memory_line(model, cfg: TrainConfig, step: StepPlan) -> str:
+    """The weights the model holds and, on the CPU, the run's planned peak (budget.plan: what train will do)."""
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    if math.isnan(step.estimate):
+        return f"memory     weights {held:.0f} MiB (the peak is planned on the CPU without grad_checkpoint only)"
+    chunk = f", {step.time_chunk} tokens at a time" if step.time_chunk else ""
+    return (f"memory     about {(step.estimate + budget.RUN_SLACK) / 2**20:.0f} MiB at the peak (weights {held:.0f} "
+            f"MiB; {step.recompute} of {model.spec.n_layer} blocks recomputed{chunk})")
 
 
 def _duration(seconds: float) -> str:
