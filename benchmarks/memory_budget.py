@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,8 @@ def run(model: Path, data: Path, out: Path, args, budget: float | None) -> tuple
            "--val-data", str(data), "--out", str(out), "--steps", str(args.steps), "--ctx-len", str(args.ctx),
            "--precision", args.precision, "--save-every", "1", "--val-every", str(args.steps), "--seed", "1",
            "--export", "pth,ai00", *(["--memory-budget", f"{budget:.3f}"] if budget else [])]
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, cwd=REPO)
+    env = {**os.environ, "RWKV_STATE_HUB_CACHE": str(out) + "-cache"}  # each run hashes the model, as a first run does
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, env=env, cwd=REPO)
     kib, rc = proc.stdout.split()[-2:]
     if rc != "0":
         return int(kib) / 1024, proc.stderr.strip().splitlines()[-1], None

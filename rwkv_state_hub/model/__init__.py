@@ -12,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import ModelSpec, read_checkpoint, spec_from_state_dict
+from ..files import page_out_file_pages
 from . import v5, v6, v7
 from .common import RWKV, EncodedState, LearnedState, RecurrentState
-from .quant import QuantizedLinear, check_kind, page_out_file_pages, quantize_model, quantized_names
+from .quant import QuantizedLinear, check_kind, quantize_model, quantized_names
 
 _MIXERS = {"v5.2": (v5.TimeMix, v5.ChannelMix), "v6": (v6.TimeMix, v6.ChannelMix), "v7": (v7.TimeMix, v7.ChannelMix)}
 

@@ -14,15 +14,12 @@ docs/quantization.md has the measurements behind this choice (and why not torcha
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidCheckpointError
+from ..files import page_out_file_pages
 
 KINDS = ("int8", "nf4")
 BLOCK = 64  # nf4: weights per absmax
@@ -151,34 +148,6 @@ class _QuantizedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return ctx.layer.matmul_t(grad), None
-
-
-def page_out_file_pages(t: Tensor) -> None:
-    """Let the kernel drop the pages of a tensor memory-mapped from a checkpoint once quantized or copied: else each
-    page read counts in RSS until the whole file is unmapped (3 GB for a bf16 1.5B model, all at the peak).
-    MADV_PAGEOUT loses nothing (a clean file page is read again if touched); only Linux 5.4+ has it."""
-    advice = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform == "linux" else None)  # Python 3.11 lacks the name
-    if advice is None or t.device.type != "cpu" or not t.is_contiguous():
-        return
-    start = t.data_ptr()
-    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: a neighbour's tensor may share the others
-    hi = (start + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi > lo and _file_mapped(lo, hi):
-        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice)
-
-
-def _file_mapped(lo: int, hi: int) -> bool:
-    """Whether [lo, hi) lies in one mapping of a file (/proc/self/maps: a pathname and an inode)."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split()
-                a, b = (int(x, 16) for x in fields[0].split("-"))
-                if a <= lo and hi <= b:
-                    return len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
-    except (OSError, ValueError):
-        pass
-    return False
 
 
 def quantized_names(model: nn.Module) -> list[str]:

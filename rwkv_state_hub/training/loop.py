@@ -26,6 +26,7 @@ from ..checkpoint import read_checkpoint
 from ..data import Dataset, load_dataset
 from ..errors import InvalidDataError, InvalidOptionError, TrainingDiverged, option
 from ..evaluate import EvalResult, evaluate
+from ..fingerprint import file_fingerprint
 from ..formats import export_state, save_native
 from ..model import RWKV, build_model
 from ..model.quant import matrix_dtype, quantization
@@ -69,6 +70,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     device = pick_device(cfg.device)
     ddp = Distributed.from_env(device)
     torch.manual_seed(cfg.seed)
+    file_fingerprint(cfg.model)  # its pass over the file first, while nothing else maps it (cached once done)
     spec, weights = read_checkpoint(cfg.model)  # memory-mapped: nothing of the model is read yet
     inputs = load_inputs(cfg, spec)  # first: bad data stops the run sooner, and its memory counts in the budget
     model = load_model_for(cfg, device, (spec, weights))
