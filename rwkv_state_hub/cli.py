@@ -81,12 +81,21 @@ class _Choice(click.Choice):
 FORMAT = _Choice(FORMATS, FORMAT_ALIASES)
 
 
-def _say_gguf_check(state, gguf: str, force: bool) -> None:
-    """What checking `state` against the GGUF found (the same weights, or what could not be checked)."""
+def _export(state, output: str, fmt: str, gguf: str | None, force: bool, **kwargs) -> None:
+    """formats.export_state, saying first what checking the state against --gguf found (the same weights, or what
+    could not be checked) as notes: the export's own warnings of the same check are then not repeated."""
+    from .formats import export_state
+
+    if not (gguf and fmt == "llama.cpp"):
+        export_state(state, output, fmt, force=force, gguf=gguf, **kwargs)
+        return
     from .llama_cpp import check_gguf
 
     for line in check_gguf(state, gguf, force=force):
         click.echo(f"note: {line}", err=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StateHubWarning)
+        export_state(state, output, fmt, force=force, gguf=gguf, **kwargs)
 
 
 def _gguf_option(f):
@@ -227,7 +236,7 @@ def export(state: str, fmt: str, output: str, dtype: str | None, model: str | No
     """Convert STATE to another consumer's format (pth: Runner/PEFT/pip, ai00: Ai00, merged: pip v5/v6,
     llama.cpp: llama-cpp-python)."""
     from .checkpoint import read_spec
-    from .formats import export_state, format_notes, load_state
+    from .formats import format_notes, load_state
 
     if fmt == "merged" and not model:
         raise InvalidOptionError("--format merged needs the base model: pass --model BASE.pth")
@@ -237,11 +246,7 @@ def export(state: str, fmt: str, output: str, dtype: str | None, model: str | No
         for p in s.check(spec, force=force):
             click.echo(f"warning: {p}", err=True)
         s = s.with_model(spec)
-    if gguf and fmt == "llama.cpp":
-        _say_gguf_check(s, gguf, force)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StateHubWarning)  # the check's lines, said above
-        export_state(s, output, fmt, dtype=dtype, base_model=model, force=force, gguf=gguf)
+    _export(s, output, fmt, gguf, force, dtype=dtype, base_model=model)
     for note in format_notes(s, fmt):
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {output} ({fmt})")
@@ -421,7 +426,7 @@ def generate(model, state_path, prompt, samples, tokenizer, force, quant, **samp
 @click.option("--tokenizer", help="world | bytes | utf-16-le | tokenizer.json  [default: from the vocab]")
 def bake(model, prompt, prompt_file, output, fmt, gguf, tokenizer) -> None:
     """Run a prompt through the model and save the state it leaves: a state without training."""
-    from .formats import export_state, format_notes
+    from .formats import format_notes
     from .model import load_model
     from .tokenizer import get_tokenizer
     from .toolbox import bake as run
@@ -435,11 +440,7 @@ def bake(model, prompt, prompt_file, output, fmt, gguf, tokenizer) -> None:
             raise InvalidOptionError(f"{prompt_file}: cannot read as UTF-8 text ({e})") from None
     m = load_model(model)
     state = run(m, get_tokenizer(tokenizer, m.spec), prompt)
-    if gguf and fmt == "llama.cpp":
-        _say_gguf_check(state, gguf, False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StateHubWarning)  # the check's lines, said above
-        export_state(state, output, fmt, base_model=model if fmt == "merged" else None, gguf=gguf)
+    _export(state, output, fmt, gguf, False, base_model=model if fmt == "merged" else None)
     for note in format_notes(state, fmt):
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {output}: {state.metadata['training']['prompt_tokens']} prompt tokens baked into a "

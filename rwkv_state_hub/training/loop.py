@@ -70,11 +70,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     device = pick_device(cfg.device)
     ddp = Distributed.from_env(device)
     torch.manual_seed(cfg.seed)
-    file_fingerprint(cfg.model)  # its pass over the file first, while nothing else maps it (cached once done)
-    spec, weights = read_checkpoint(cfg.model)  # memory-mapped: nothing of the model is read yet
-    inputs = load_inputs(cfg, spec)  # first: bad data stops the run sooner, and its memory counts in the budget
-    model = load_model_for(cfg, device, (spec, weights))
-    del weights  # the model holds what it needs; the file can be unmapped
+    model, inputs = load_for_run(cfg, device)
     return _fit(model, cfg, Path(cfg.out), ddp, device, resume, progress, inputs)
 
 
@@ -102,14 +98,18 @@ def train_state(model: RWKV, data, config: TrainConfig | None = None, *, out: st
     return result.state
 
 
-def load_model_for(cfg: TrainConfig, device: torch.device, checkpoint=None) -> RWKV:
-    """The frozen model of cfg.model in cfg.precision on `device` (its matrices quantized with cfg.quant), after
-    checking that the memory budget can be met (`checkpoint`: read_checkpoint's (spec, weights), if read)."""
-    spec, weights = checkpoint or read_checkpoint(cfg.model)
+def load_for_run(cfg: TrainConfig, device: torch.device) -> tuple[RWKV, Inputs]:
+    """The frozen model of cfg.model in cfg.precision on `device` (its matrices quantized with cfg.quant) and the
+    data, as a run (and its dry run) loads them: the fingerprint's pass over the file while nothing else maps it
+    (cached once done), then the data (bad data stops sooner, and its memory counts), then the memory budget's
+    check, and only then the model."""
+    file_fingerprint(cfg.model)
+    spec, weights = read_checkpoint(cfg.model)  # memory-mapped: nothing of the model is read yet
+    inputs = load_inputs(cfg, spec)
     if device.type == "cpu":
         budget.check_before_loading(cfg, spec, weights)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    return build_model(spec, weights, dtype=dtype, device=device, quant=cfg.quant)
+    return build_model(spec, weights, dtype=dtype, device=device, quant=cfg.quant), inputs
 
 
 def load_inputs(cfg: TrainConfig, spec) -> Inputs:

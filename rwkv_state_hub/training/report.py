@@ -11,7 +11,7 @@ from ..model.memory import StepPlan
 from . import budget
 from .config import EXPORT_NAMES, TrainConfig
 from .distributed import SINGLE, pick_device
-from .loop import Inputs, TrainResult, _recomputing, load_inputs, load_model_for
+from .loop import Inputs, TrainResult, _recomputing, load_for_run
 from .step import global_batch_size, new_learned, rank_batches, total_steps, train_step
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
@@ -26,8 +26,7 @@ def dry_run(cfg: TrainConfig, color: bool = True) -> str:
     cfg.validate()
     cfg.require("model", "data")
     device = pick_device(cfg.device)
-    model = load_model_for(cfg, device)
-    inputs = load_inputs(cfg, model.spec)
+    model, inputs = load_for_run(cfg, device)
     step = budget.plan(model, cfg, device)
     seconds, tokens = _time_one_step(model, cfg, inputs, device, step)
     spec, data, val = model.spec, inputs.data, inputs.val
