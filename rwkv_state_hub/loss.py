@@ -63,12 +63,17 @@ class _FrozenHeadLoss(torch.autograd.Function):
         for s in range(0, flat.shape[0], rows):
             h, t, wt = flat[s : s + rows], targets[s : s + rows, None], weight[s : s + rows, None]
             logits = _logits(h, head)                                         # [rows, V]
-            lse = logits.logsumexp(-1, keepdim=True)
-            nll[s : s + rows] = (lse - logits.gather(1, t))[:, 0]
+            picked = logits.gather(1, t)
             if grad is None:
                 correct += ((logits.argmax(-1, keepdim=True) == t).to(wt.dtype) * wt).sum()
+            # one pass each over the logits, in place: e^(logit - max), its sum, and (training) the softmax
+            top = logits.amax(-1, keepdim=True)
+            e = logits.sub_(top).exp_()
+            total = e.sum(-1, keepdim=True)
+            nll[s : s + rows] = (top + total.log() - picked)[:, 0]
+            if grad is None:
                 continue
-            probs = logits.sub_(lse).exp_()                                   # softmax, in place
+            probs = e.div_(total)
             probs.scatter_add_(1, t, torch.full_like(wt, -1.0)).mul_(wt)      # d loss / d logits
             grad[s : s + rows] = _back(probs, head)
         if grad is not None:
