@@ -107,3 +107,46 @@ def save_heatmap(values: torch.Tensor, path: str | os.PathLike,
     """draw_heatmap, written as a PNG (atomically: a reader never sees half a file)."""
     img = draw_heatmap(values, title, scale)
     atomic_write(path, lambda p: img.save(p, format="PNG"))
+
+
+# ---------------------------------------------------------------- grouped bars: a benchmark's table as a picture
+
+SERIES = [(40, 90, 200), (220, 90, 30), (60, 160, 80), (150, 60, 170), (120, 120, 120)]
+
+
+def _bar_panel(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
+               groups: dict[str, list[float]]) -> None:
+    """One chart inside `box` (left, top, right, bottom): a group of bars per key, one bar per series."""
+    left, top, right, bottom = box
+    d.text((left, top), title, fill=AXIS)
+    x0, y0, x1, y1 = left + 50, top + 24, right - 10, bottom - 24
+    peak = max((v for row in groups.values() for v in row), default=0.0) or 1.0
+    for i in range(5):
+        y = y1 - (y1 - y0) * i / 4
+        d.line([(x0, y), (x1, y)], fill=GRID)
+        d.text((left, y - 6), f"{peak * i / 4:.3g}", fill=AXIS)
+    slot = (x1 - x0) / max(len(groups), 1)
+    for g, (name, row) in enumerate(groups.items()):
+        bar = slot * 0.8 / max(len(row), 1)
+        for s, value in enumerate(row):
+            bx = x0 + g * slot + slot * 0.1 + s * bar
+            by = y1 - (y1 - y0) * value / peak
+            d.rectangle([bx, by, bx + bar - 2, y1], fill=SERIES[s % len(SERIES)])
+            d.text((bx, by - 12), f"{value:.3g}", fill=AXIS)
+        d.text((x0 + g * slot + slot / 2 - 12, y1 + 6), name, fill=AXIS)
+    d.line([(x0, y0), (x0, y1), (x1, y1)], fill=AXIS)
+
+
+def save_bar_charts(panels: list[tuple[str, dict[str, list[float]]]], series: list[str],
+                    path: str | os.PathLike) -> None:
+    """Charts side by side, each (title, {group: [one value per series]}), one legend for the series."""
+    width = 520
+    img = Image.new("RGB", (width * len(panels), H), "white")
+    d = ImageDraw.Draw(img)
+    for p, (title, groups) in enumerate(panels):
+        _bar_panel(d, (p * width + 10, 10, (p + 1) * width - 10, H - 30), title, groups)
+    for s, name in enumerate(series):
+        x = 60 + s * 90
+        d.rectangle([x, H - 20, x + 12, H - 8], fill=SERIES[s % len(SERIES)])
+        d.text((x + 16, H - 20), name, fill=AXIS)
+    atomic_write(path, lambda p: img.save(p, format="PNG"))

@@ -1,0 +1,129 @@
+"""Which model fits your machine, and how long an epoch takes: `rwkv-state train` on RWKV-7 of the 0.1B, 0.4B
+and 1.5B shapes with fp32, bf16, int8 and nf4 matrices, tokens/s and whole-process peak RSS with and without
+`--memory-budget` (the weights as held + 1 GiB), then long contexts (16k, 64k) under that budget. One run.
+
+    .venv/bin/python benchmarks/scale.py --png docs/scale.png          # everything: about an hour on 2 cores
+    .venv/bin/python benchmarks/scale.py --shapes 0.1b --kinds bf16,nf4 --long-ctx 16384
+
+Every figure is one `rwkv-state train` process on a random bf16 checkpoint of the shape (vocab 65536, head
+size 64) and random tokens, measured as benchmarks/quant.py does: peak RSS is the process's whole peak read
+from outside (the parent's getrusage of its one child), tokens/s the run's own over all its steps. A budget
+that cannot be met is refused before loading, naming the least that would work: the table shows that name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant import MEASURE, REPO, SHAPES, random_model  # noqa: E402
+
+from rwkv_state_hub.bench import matmul_gflops  # noqa: E402
+from rwkv_state_hub.checkpoint import read_checkpoint  # noqa: E402
+from rwkv_state_hub.plot import save_bar_charts  # noqa: E402
+from rwkv_state_hub.training.budget import GIB, held_weight_bytes  # noqa: E402
+
+# the matrices' kind -> train's --precision and --quant
+KINDS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8"), "nf4": ("bf16", "nf4")}
+HEADROOM_GIB = 1.0
+EPOCH_TOKENS = 10_000_000
+
+
+def train(model: Path, data: Path, out: Path, kind: str, ctx: int, steps: int, budget: float | None) -> dict:
+    """One measured `rwkv-state train` process: tokens/s and peak RSS MiB, or the line it was refused with."""
+    cmd = [sys.executable, "-m", "rwkv_state_hub.cli", "train", "--model", str(model), "--data", str(data),
+           "--out", str(out), "--steps", str(steps), "--ctx-len", str(ctx), "--warmup-steps", "0",
+           "--save-every", str(steps), "--seed", "1", "--precision", KINDS[kind][0],
+           *(["--quant", KINDS[kind][1]] if KINDS[kind][1] else []),
+           *(["--memory-budget", f"{budget:.3f}"] if budget else [])]
+    env = {**os.environ, "RWKV_STATE_HUB_CACHE": str(out) + "-cache"}  # each run hashes the model, as a first run does
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, env=env, cwd=REPO)
+    kib, rc = proc.stdout.split()[-2:]
+    peak = int(kib) / 1024
+    if rc != "0":
+        return {"peak_mib": peak, "refused": proc.stderr.strip().splitlines()[-1]}
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"peak_mib": peak, "tokens_per_s": last["tokens_per_s"]}
+
+
+def long_data(folder: Path, ctx: int) -> Path:
+    """One sample of `ctx` random tokens."""
+    path = folder / f"tokens-{ctx}.jsonl"
+    tokens = torch.randint(0, 65536, (ctx,), generator=torch.Generator().manual_seed(ctx)).tolist()
+    path.write_text(json.dumps({"tokens": tokens, "mask": [1] * ctx}) + "\n")
+    return path
+
+
+def cell(r: dict) -> str:
+    if "refused" in r:
+        least = r["refused"].split("least that would work is ")[-1].split(",")[0]
+        return f"refused ({least})"
+    return f"{r['tokens_per_s']:.1f} tok/s, {r['peak_mib'] / 1024:.2f} GiB"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {', '.join(KINDS)}")
+    p.add_argument("--steps", type=int, default=3, help="steps of each ctx-512 run")
+    p.add_argument("--long-ctx", default="16384,65536", help="context lengths run for one step under the budget")
+    p.add_argument("--long-shapes", default="0.1b", help="the shapes that run the long contexts")
+    p.add_argument("--png", help="draw tokens/s and peak RSS per shape and kind into this PNG")
+    args = p.parse_args()
+    shapes, kinds = args.shapes.split(","), args.kinds.split(",")
+    long_ctx = [int(c) for c in args.long_ctx.split(",") if c]
+    print(f"{torch.get_num_threads()} threads, matmul fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s, bf16 "
+          f"{matmul_gflops(torch.bfloat16):.0f} GFLOP/s; ctx 512, micro-batch 1, {args.steps} steps; budget = "
+          f"weights as held + {HEADROOM_GIB:g} GiB; an epoch of {EPOCH_TOKENS / 1e6:g} M tokens at the budget's speed")
+    header = ["shape", "matrices", "weights held GiB", "no budget", "budget GiB", "with the budget", "hours / epoch"]
+    header += [f"ctx {c} under the budget" for c in long_ctx]
+    print("| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
+    chart: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for shape in shapes:
+            model, data = random_model(shape, folder, 512, args.steps)
+            weights = read_checkpoint(model)[1]
+            for kind in kinds:
+                held = held_weight_bytes(weights, *KINDS[kind]) / GIB
+                budget = held + HEADROOM_GIB
+                run = f"{shape}-{kind}"
+                free = train(model, data, folder / f"{run}-free", kind, 512, args.steps, None)
+                lean = train(model, data, folder / f"{run}-lean", kind, 512, args.steps, budget)
+                longs = [train(model, long_data(folder, c), folder / f"{run}-{c}", kind, c, 1, budget)
+                         if shape in args.long_shapes.split(",") else None for c in long_ctx]
+                hours = f"{EPOCH_TOKENS / lean['tokens_per_s'] / 3600:.1f}" if "tokens_per_s" in lean else "-"
+                chart.setdefault(shape, {})[kind] = {"free": free, "lean": lean}
+                cells = [shape.upper(), kind, f"{held:.2f}", cell(free), f"{budget:.2f}", cell(lean), hours]
+                cells += [cell(r) if r else "-" for r in longs]
+                print("| " + " | ".join(cells) + " |", flush=True)
+            del weights
+    if args.png:
+        save_scale_png(chart, kinds, args.png)
+        print(f"wrote {args.png}")
+
+
+def save_scale_png(chart: dict[str, dict[str, dict]], kinds: list[str], path: str) -> None:
+    """Bar charts, one group per shape and one bar per kind: tokens/s and peak RSS without a budget, and peak
+    RSS under the budget (no bar where the budget was refused)."""
+    def values(run: str, field: str) -> dict[str, list[float]]:
+        def one(r: dict) -> float:
+            return 0.0 if "refused" in r else r["tokens_per_s"] if field == "speed" else r["peak_mib"] / 1024
+        return {shape.upper(): [one(by_kind[kind][run]) for kind in kinds] for shape, by_kind in chart.items()}
+
+    save_bar_charts([("tokens/s at ctx 512, no budget", values("free", "speed")),
+                     ("peak RSS GiB of the whole process, no budget", values("free", "memory")),
+                     (f"peak RSS GiB under weights + {HEADROOM_GIB:g} GiB", values("lean", "memory"))], kinds, path)
+
+
+if __name__ == "__main__":
+    main()
