@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -458,14 +459,26 @@ def test_app_py_and_the_cli_serve_the_same_page(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
              subprocess.Popen(cli, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    said: list[list[str]] = [[], []]
+    readers = [threading.Thread(target=lambda p=p, lines=lines: lines.extend(p.stdout), daemon=True)
+               for p, lines in zip(procs, said, strict=True)]
+    for r in readers:
+        r.start()
     try:
         for port in ports:
             page = _wait_for(f"http://127.0.0.1:{port}/config", procs, 180)
             assert "rwkv7-example-L4-D256" in page and "weather.safetensors" in page
+        # the page answers while Gradio's launch() is still finishing: the message comes once it returns
+        end = time.time() + 60
+        while time.time() < end and not all(any("public link" in line for line in lines) for lines in said):
+            time.sleep(0.2)
     finally:
         for p in procs:
             p.terminate()
-    app_says, cli_says = (p.communicate(timeout=30)[0] for p in procs)
+    for p, r in zip(procs, readers, strict=True):
+        p.wait(timeout=30)
+        r.join(timeout=30)
+    app_says, cli_says = ("".join(lines) for lines in said)
     # each says how to share the page in its own words: Python's for app.py, the flag for the command line
     assert "pass share=True" in app_says and "--share" not in app_says, app_says
     assert "pass --share" in cli_says and "share=True" not in cli_says, cli_says
