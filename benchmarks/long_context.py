@@ -12,7 +12,6 @@ model is a random RWKV-7 of the 0.1B shape (L12 D768, vocab 65536), bf16 on disk
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,25 +19,22 @@ from pathlib import Path
 
 import torch
 
-from rwkv_state_hub.bench import SHAPE, matmul_gflops
-from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measured  # noqa: E402
 
-MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)")
+from rwkv_state_hub.bench import SHAPE, matmul_gflops  # noqa: E402
+from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint  # noqa: E402
 
 
 def one_run(model: Path, data: Path, out: Path, ctx: int, chunk: int | None) -> tuple[float, float]:
     """(peak RSS in MiB of the whole training process, seconds) for one step at `ctx`."""
-    cmd = [sys.executable, "-m", "rwkv_state_hub.cli", "train", "--model", str(model), "--data", str(data),
-           "--ctx-len", str(ctx), "--steps", "1", "--micro-bsz", "1", "--warmup-steps", "0", "--out", str(out)]
-    cmd += ["--time-chunk", str(chunk)] if chunk else []
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    kib, rc = proc.stdout.split()[-2:]
-    if rc != "0":
-        raise RuntimeError(f"ctx {ctx} chunk {chunk} failed:\n{proc.stderr[-2000:]}")
-    return int(kib) / 1024, seconds
+    run = measured.train(["--model", str(model), "--data", str(data), "--ctx-len", str(ctx), "--steps", "1",
+                          "--micro-bsz", "1", "--warmup-steps", "0", *(["--time-chunk", str(chunk)] if chunk else [])],
+                         out)
+    if not run.ok:
+        raise RuntimeError(f"ctx {ctx} chunk {chunk} failed:\n{run.stderr[-2000:]}")
+    return run.peak_mib, time.perf_counter() - started
 
 
 def main() -> None:

@@ -14,55 +14,31 @@ each quantized one: the states are the base model's, whichever model trained the
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measured  # noqa: E402
+from measured import REPO, SHAPES  # noqa: E402
 
-SHAPES = {"0.1b": dict(n_layer=12, n_embd=768), "0.4b": dict(n_layer=24, n_embd=1024),
-          "1.5b": dict(n_layer=24, n_embd=2048)}
 CONFIGS = {"bf16": [], "int8": ["--quant", "int8"], "nf4": ["--quant", "nf4"]}
-REPO = Path(__file__).resolve().parents[1]
-MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)")
-
-
-def random_model(shape: str, folder: Path, ctx: int, samples: int) -> tuple[Path, Path]:
-    """A bf16 random RWKV-7 checkpoint of `shape` and a .jsonl of random token samples for it."""
-    model = folder / f"rwkv7-{shape}-shape.pth"
-    save_checkpoint(random_checkpoint("v7", seed=0, dtype=torch.bfloat16, head_size=64, vocab_size=65536,
-                                      **SHAPES[shape]), model)
-    g = torch.Generator().manual_seed(0)
-    data = folder / "tokens.jsonl"
-    with data.open("w") as f:
-        for _ in range(samples):
-            tokens = torch.randint(0, 65536, (ctx,), generator=g).tolist()
-            f.write(json.dumps({"tokens": tokens, "mask": [1] * ctx}) + "\n")
-    return model, data
 
 
 def train_one(config: str, model: Path, data: list[str], out: Path, args) -> dict:
     """One measured `rwkv-state train` process: its tokens/s and peak RSS."""
-    cmd = [sys.executable, "-m", "rwkv_state_hub.cli", "train", "--model", str(model),
-           *[arg for path in data for arg in ("--data", path)], "--out", str(out), "--steps", str(args.steps),
-           "--ctx-len", str(args.ctx), "--precision", "bf16", "--save-every", str(args.steps),
-           "--val-every", str(args.steps), "--seed", "1", *CONFIGS[config],
-           *(["--grad-checkpoint"] if args.grad_checkpoint else []),
-           *(["--time-chunk", str(args.time_chunk)] if args.time_chunk else [])]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
-           "RWKV_STATE_HUB_CACHE": str(out) + "-cache"}  # an empty hash cache: each run pays what a first run pays
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, env=env, cwd=REPO)
-    kib, rc = proc.stdout.split()[-2:]
-    if rc != "0":
-        raise RuntimeError(f"{config} failed:\n{proc.stderr[-3000:]}")
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"tokens_per_s": last["tokens_per_s"], "peak_rss_mib": int(kib) / 1024, "loss": last["loss"]}
+    run = measured.train(
+        ["--model", str(model), *[arg for path in data for arg in ("--data", path)], "--steps", str(args.steps),
+         "--ctx-len", str(args.ctx), "--precision", "bf16", "--save-every", str(args.steps),
+         "--val-every", str(args.steps), "--seed", "1", *CONFIGS[config],
+         *(["--grad-checkpoint"] if args.grad_checkpoint else []),
+         *(["--time-chunk", str(args.time_chunk)] if args.time_chunk else [])],
+        out, {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
+    if not run.ok:
+        raise RuntimeError(f"{config} failed:\n{run.stderr[-3000:]}")
+    return {"tokens_per_s": run.metrics["tokens_per_s"], "peak_rss_mib": run.peak_mib, "loss": run.metrics["loss"]}
 
 
 def held_out_losses(model: Path, val: list[str], runs: dict[str, Path], ctx: int) -> dict[str, dict[str, float]]:
@@ -99,8 +75,8 @@ def main() -> None:
         if args.model:
             model, data, what = Path(args.model), args.data, Path(args.model).name
         else:
-            model, tokens = random_model(args.shape, folder, args.ctx, args.steps)
-            data = [str(tokens)]
+            model = measured.random_model(args.shape, folder)
+            data = [str(measured.token_samples(folder, args.ctx, args.steps))]
             what = f"random RWKV-7 of the {args.shape.upper()} shape {SHAPES[args.shape]}, bf16 checkpoint"
         threads = args.threads or torch.get_num_threads()
         lean = (", --grad-checkpoint" if args.grad_checkpoint else "") + (

@@ -14,9 +14,6 @@ that cannot be met is refused before loading, naming the least that would work: 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quant import MEASURE, REPO, SHAPES, random_model  # noqa: E402
+import measured  # noqa: E402
+from measured import SHAPES, Run  # noqa: E402
 
 from rwkv_state_hub.bench import matmul_gflops  # noqa: E402
 from rwkv_state_hub.checkpoint import read_checkpoint  # noqa: E402
@@ -37,36 +35,20 @@ HEADROOM_GIB = 1.0
 EPOCH_TOKENS = 10_000_000
 
 
-def train(model: Path, data: Path, out: Path, kind: str, ctx: int, steps: int, budget: float | None) -> dict:
-    """One measured `rwkv-state train` process: tokens/s and peak RSS MiB, or the line it was refused with."""
-    cmd = [sys.executable, "-m", "rwkv_state_hub.cli", "train", "--model", str(model), "--data", str(data),
-           "--out", str(out), "--steps", str(steps), "--ctx-len", str(ctx), "--warmup-steps", "0",
-           "--save-every", str(steps), "--seed", "1", "--precision", KINDS[kind][0],
-           *(["--quant", KINDS[kind][1]] if KINDS[kind][1] else []),
-           *(["--memory-budget", f"{budget:.3f}"] if budget else [])]
-    env = {**os.environ, "RWKV_STATE_HUB_CACHE": str(out) + "-cache"}  # each run hashes the model, as a first run does
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, env=env, cwd=REPO)
-    kib, rc = proc.stdout.split()[-2:]
-    peak = int(kib) / 1024
-    if rc != "0":
-        return {"peak_mib": peak, "refused": proc.stderr.strip().splitlines()[-1]}
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"peak_mib": peak, "tokens_per_s": last["tokens_per_s"]}
+def train(model: Path, data: Path, out: Path, kind: str, ctx: int, steps: int, budget: float | None) -> Run:
+    """One measured `rwkv-state train` process with the matrices of `kind`, under `budget` GiB if given."""
+    precision, quant = KINDS[kind]
+    return measured.train(["--model", str(model), "--data", str(data), "--steps", str(steps), "--ctx-len", str(ctx),
+                           "--warmup-steps", "0", "--save-every", str(steps), "--seed", "1", "--precision", precision,
+                           *(["--quant", quant] if quant else []),
+                           *(["--memory-budget", f"{budget:.3f}"] if budget else [])], out)
 
 
-def long_data(folder: Path, ctx: int) -> Path:
-    """One sample of `ctx` random tokens."""
-    path = folder / f"tokens-{ctx}.jsonl"
-    tokens = torch.randint(0, 65536, (ctx,), generator=torch.Generator().manual_seed(ctx)).tolist()
-    path.write_text(json.dumps({"tokens": tokens, "mask": [1] * ctx}) + "\n")
-    return path
-
-
-def cell(r: dict) -> str:
-    if "refused" in r:
-        least = r["refused"].split("least that would work is ")[-1].split(",")[0]
+def cell(r: Run) -> str:
+    if not r.ok:
+        least = r.error.split("least that would work is ")[-1].split(",")[0]
         return f"refused ({least})"
-    return f"{r['tokens_per_s']:.1f} tok/s, {r['peak_mib'] / 1024:.2f} GiB"
+    return f"{r.metrics['tokens_per_s']:.1f} tok/s, {r.peak_mib / 1024:.2f} GiB"
 
 
 def main() -> None:
@@ -87,11 +69,11 @@ def main() -> None:
     header += [f"ctx {c} under the budget" for c in long_ctx]
     print("| " + " | ".join(header) + " |")
     print("|---" * len(header) + "|")
-    chart: dict[str, dict[str, dict]] = {}
+    chart: dict[str, dict[str, dict[str, Run]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for shape in shapes:
-            model, data = random_model(shape, folder, 512, args.steps)
+            model, data = measured.random_model(shape, folder), measured.token_samples(folder, 512, args.steps)
             weights = read_checkpoint(model)[1]
             for kind in kinds:
                 held = held_weight_bytes(weights, *KINDS[kind]) / GIB
@@ -99,9 +81,9 @@ def main() -> None:
                 run = f"{shape}-{kind}"
                 free = train(model, data, folder / f"{run}-free", kind, 512, args.steps, None)
                 lean = train(model, data, folder / f"{run}-lean", kind, 512, args.steps, budget)
-                longs = [train(model, long_data(folder, c), folder / f"{run}-{c}", kind, c, 1, budget)
+                longs = [train(model, measured.token_samples(folder, c, 1), folder / f"{run}-{c}", kind, c, 1, budget)
                          if shape in args.long_shapes.split(",") else None for c in long_ctx]
-                hours = f"{EPOCH_TOKENS / lean['tokens_per_s'] / 3600:.1f}" if "tokens_per_s" in lean else "-"
+                hours = f"{EPOCH_TOKENS / lean.metrics['tokens_per_s'] / 3600:.1f}" if lean.ok else "-"
                 chart.setdefault(shape, {})[kind] = {"free": free, "lean": lean}
                 cells = [shape.upper(), kind, f"{held:.2f}", cell(free), f"{budget:.2f}", cell(lean), hours]
                 cells += [cell(r) if r else "-" for r in longs]
@@ -112,12 +94,12 @@ def main() -> None:
         print(f"wrote {args.png}")
 
 
-def save_scale_png(chart: dict[str, dict[str, dict]], kinds: list[str], path: str) -> None:
+def save_scale_png(chart: dict[str, dict[str, dict[str, Run]]], kinds: list[str], path: str) -> None:
     """Bar charts, one group per shape and one bar per kind: tokens/s and peak RSS without a budget, and peak
     RSS under the budget (no bar where the budget was refused)."""
     def values(run: str, field: str) -> dict[str, list[float]]:
-        def one(r: dict) -> float:
-            return 0.0 if "refused" in r else r["tokens_per_s"] if field == "speed" else r["peak_mib"] / 1024
+        def one(r: Run) -> float:
+            return 0.0 if not r.ok else r.metrics["tokens_per_s"] if field == "speed" else r.peak_mib / 1024
         return {shape.upper(): [one(by_kind[kind][run]) for kind in kinds] for shape, by_kind in chart.items()}
 
     save_bar_charts([("tokens/s at ctx 512, no budget", values("free", "speed")),

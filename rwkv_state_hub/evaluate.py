@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .data import Dataset, Sample, collate
-from .loss import batch_loss, token_losses
+from .loss import batch_loss, token_losses, windowed_batch_loss
 from .model import RWKV, RecurrentState
 
 __all__ = ["EvalResult", "batch_loss", "compare", "evaluate", "loss_by_position"]
@@ -34,11 +34,17 @@ def evaluate(
     state: RecurrentState | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    time_chunk: int | None = None,
 ) -> EvalResult:
+    """Mean loss and accuracy over `samples` from `state` (zeros if None), `batch_size` samples at a time and,
+    with `time_chunk`, that many positions at a time (the same figures in less memory)."""
     total, correct, n = 0.0, 0.0, 0
     for start in range(0, len(samples), batch_size):
         batch = collate([samples[i] for i in range(start, min(start + batch_size, len(samples)))]).to(device)
-        loss_sum, right = batch_loss(model, batch, state)
+        if time_chunk:
+            loss_sum, right = windowed_batch_loss(model, batch, state, time_chunk)
+        else:
+            loss_sum, right = batch_loss(model, batch, state)
         total += float(loss_sum)
         correct += float(right)
         n += batch.n_trained

@@ -260,6 +260,18 @@ def page_out_file_pages(t: torch.Tensor) -> None:
         ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice)
 
 
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). Freed temporaries (quantizing a
+    model, the probe's pass) otherwise stay resident for the whole run: 0.2-0.3 GiB at 0.1B with int8/nf4.
+    Nothing where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _file_mapped(lo: int, hi: int) -> bool:
     """Whether [lo, hi) lies in one mapping of a file (/proc/self/maps: a pathname and an inode)."""
     try:

@@ -108,6 +108,21 @@ def batch_loss(model, batch, state) -> tuple[Tensor, Tensor | None]:
 
 
 @torch.no_grad()
+def windowed_batch_loss(model, batch, state, chunk: int) -> tuple[Tensor, Tensor]:
+    """batch_loss without a graph, read `chunk` positions at a time with the recurrent state carried from one
+    window to the next: the same sums, with the memory of one window whatever the length (validation under a
+    memory budget)."""
+    loss_sum, right = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for t in range(0, batch.inputs.shape[1], chunk):
+        part = batch.window(t, t + chunk)
+        hidden, state = model.hidden(part.inputs, state, part.mask)
+        loss, correct = head_loss(hidden, model.head, part.targets, part.loss_mask.to(hidden.dtype))
+        loss_sum += loss.double()
+        right += correct.double()
+    return loss_sum, right
+
+
+@torch.no_grad()
 def token_losses(model, batch, state) -> Tensor:
     """Cross-entropy at every position [B, T] (padding included: mask it with batch.loss_mask)."""
     hidden, _ = model.hidden(batch.inputs, state, batch.mask)

@@ -9,18 +9,22 @@ from conftest import ARCHS
 
 from rwkv_state_hub.data import Sample, collate
 from rwkv_state_hub.examples import example_model
-from rwkv_state_hub.loss import batch_loss, chunked_backward
+from rwkv_state_hub.loss import batch_loss, chunked_backward, windowed_batch_loss
 from rwkv_state_hub.model import LearnedState, load_model
 
 
-def _batch(vocab: int, lengths: tuple[int, ...], seed: int):
+def _samples(vocab: int, lengths: tuple[int, ...], seed: int) -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
     samples = []
     for n in lengths:
         tokens = torch.randint(0, vocab, (n,), generator=g).tolist()
         mask = [0] * (n // 3) + [1] * (n - n // 3)  # an untrained prompt, then trained tokens
         samples.append(Sample(tokens, mask, f"sample of {n}"))
-    return collate(samples)
+    return samples
+
+
+def _batch(vocab: int, lengths: tuple[int, ...], seed: int):
+    return collate(_samples(vocab, lengths, seed))
 
 
 def _learned(spec, seed: int) -> LearnedState:
@@ -63,6 +67,26 @@ def test_chunked_gradient_equals_the_full_backward_on_random_models(random_model
 @pytest.mark.parametrize("name", ["tiny-rwkv-5v2-730K.pth", "tiny-rwkv-7v0-834K.pth", "rwkv7-example-L4-D256.pth"])
 def test_chunked_gradient_equals_the_full_backward_on_real_models(name):
     _check(load_model(example_model(name), dtype=torch.float32), chunk=16, lengths=(70, 33, 50))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_evaluation_in_time_windows_equals_the_whole_pass(random_models, arch):
+    """Validation under a memory budget reads `time_chunk` positions at a time: the same loss and accuracy."""
+    from rwkv_state_hub.evaluate import evaluate
+
+    model = load_model(random_models[arch])
+    samples = _samples(model.spec.vocab_size, (41, 23, 30), seed=3)
+    batch = collate(samples)
+    state = _learned(model.spec, seed=4)().detach()
+    with torch.no_grad():
+        whole = batch_loss(model, batch, state)
+    for chunk in (7, 16, 1000):
+        parts = windowed_batch_loss(model, batch, state, chunk)
+        assert float(parts[0]) == pytest.approx(float(whole[0]), rel=1e-5)
+        assert float(parts[1]) == float(whole[1])  # the same argmax at every trained position
+    full, windowed = evaluate(model, samples, state, batch_size=2), evaluate(model, samples, state, 2, time_chunk=7)
+    assert windowed.loss == pytest.approx(full.loss, rel=1e-5) and windowed.accuracy == full.accuracy
+    assert full.n_tokens == windowed.n_tokens > 0
 
 
 def test_a_chunk_longer_than_the_batch_is_the_plain_backward(random_models):

@@ -223,7 +223,7 @@ def test_training_under_a_tight_memory_budget_learns_the_same_state(tmp_path, mo
     # a budget between the step recomputing every block and one keeping a block's activations (RSS held fixed,
     # so that the estimate does not move between here and the run)
     monkeypatch.setattr(memory, "rss_bytes", lambda: 200 << 20)
-    monkeypatch.setattr(budget, "LOAD_FIXED", 0)  # with the RSS held fixed, loading adds nothing to it
+    monkeypatch.setattr(budget, "LOAD_EXTRA", 0)  # with the RSS held fixed, loading adds nothing to it
     c = cfg(tmp_path)
     model = load_model(c.model)
     *_, keep_one, recompute_all = memory.step_estimates(model, c.micro_bsz, c.ctx_len)
@@ -239,7 +239,7 @@ def test_a_budget_recomputing_cannot_meet_runs_in_time_chunks(monkeypatch):
     """plan_step: the longest time chunk with the fewest recomputed blocks within the budget (RSS held fixed)."""
     monkeypatch.setattr(memory, "rss_bytes", lambda: 200 << 20)
     model = load_model(REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-7v0-834K.pth")
-    whole, half = memory.step_estimates(model, 2, 512), memory.step_estimates(model, 2, 256)
+    whole, half = memory.step_estimates(model, 2, 512), memory.step_estimates(model, 2, 256, ctx=512)
     roomy = memory.plan_step(model, 2, 512, whole[0] + 1)
     assert (roomy.recompute, roomy.time_chunk, roomy.fits) == (0, None, True)
     chunked = memory.plan_step(model, 2, 512, (whole[-1] + half[-1]) / 2)

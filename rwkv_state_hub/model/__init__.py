@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import ModelSpec, read_checkpoint, spec_from_state_dict
-from ..files import page_out_file_pages
+from ..files import page_out_file_pages, release_free_heap
 from . import v5, v6, v7
 from .common import RWKV, EncodedState, LearnedState, RecurrentState
 from .quant import QuantizedLinear, check_kind, quantize_model, quantized_names
@@ -64,6 +64,7 @@ def build_model(
                 page_out_file_pages(source)
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, nn.Parameter(t, requires_grad=False))
+    release_free_heap()  # the conversions' and quantization's temporaries
     return model.eval()
 
 

@@ -9,6 +9,7 @@ estimated peak RSS within a budget, from the activations measured on a short pro
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -16,16 +17,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..files import release_free_heap
 from ..loss import head_chunk_bytes
 from .common import RWKV, RecurrentState
 
 PROBE_TOKENS = 32
-# What a step's peak adds beyond what the blocks save, in units of one block's saved activations, measured
-# on L12 D768 at ctx 512 (fp32 and bf16 weights): each block that keeps its activations costs 1.75x what it
-# saves (the backward pass's gradients and glibc's fragmented heap), and a step costs about 7 blocks' worth
-# however many are recomputed (the recomputed block, gradient buffers, the heap's slack); both rounded up.
-KEPT_FACTOR = 1.8
-BASE_BLOCKS = 7.5
+# What a step's peak adds to RSS, in units of one block's saved activations per layer, fitted to a whole step's
+# peak measured on L12 D768 and L24 D1024 (fp32, chunks of 32-512 tokens, glibc's heap as it is): a block that
+# keeps its activations costs 1.65-2.2x what it saves (its gradients and the heap's fragments), a recomputed one
+# 0.6-0.8x (recomputed in turn in the backward pass, fragments again), and any block LAYER_FIXED more; both
+# rounded up.
+KEPT_FACTOR = 2.0
+RECOMPUTED_FACTOR = 0.8
+LAYER_FIXED = 3.5 * 2**20
 
 
 def _status_kib(field: str) -> int | None:
@@ -102,7 +106,7 @@ def saved_bytes_per_token(model: RWKV) -> int:
     return sum(seen.values()) // (PROBE_TOKENS * model.spec.n_layer)
 
 
-MIN_TIME_CHUNK = 64  # the shortest time chunk plan_step tries: below it, per-chunk overheads dominate
+MIN_TIME_CHUNK = 32  # the shortest time chunk plan_step tries: below it, per-chunk overheads dominate
 
 
 @dataclass(frozen=True)
@@ -116,14 +120,23 @@ class StepPlan:
     fits: bool
 
 
-def _step_estimate(model: RWKV, batch: int, tokens: int, n: int, saved_per_token: int, now: int) -> float:
-    """The peak RSS of a step of `batch` x `tokens` recomputing `n` blocks, from this process's RSS `now`."""
-    L, C = model.spec.n_layer, model.spec.n_embd
-    width = model.ln_out.weight.dtype.itemsize  # the residual stream's dtype (fp32)
-    saved = saved_per_token * batch * tokens                              # one block's activations
-    inputs = 2 * batch * tokens * C * width                               # a recomputed block keeps x (and v_first)
-    head = 2 * head_chunk_bytes(model.head) + 2 * batch * tokens * C * width  # a chunk of logits, hidden, its grad
-    return now + head + BASE_BLOCKS * saved + (L - n) * KEPT_FACTOR * saved + n * inputs
+def step_bytes(spec, batch: int, tokens: int, ctx: int, recompute: int, saved_per_token: int,
+               logits_bytes: int) -> float:
+    """What a step of `batch` x `ctx` tokens, run `tokens` at a time with `recompute` blocks recomputed, adds to
+    RSS at its peak: the blocks' activations, the recurrent state kept at each chunk boundary, and a chunk of
+    logits with its gradient (`logits_bytes`: the head's chunk). From the spec alone, so that it can be known
+    before a model is loaded."""
+    L = spec.n_layer
+    saved = saved_per_token * batch * tokens                      # one block's activations
+    state = batch * L * (spec.n_head * spec.head_size**2 + 2 * spec.n_embd) * 4
+    logits = min(logits_bytes, batch * tokens * spec.vocab_size * 4)
+    blocks = ((L - recompute) * KEPT_FACTOR + recompute * RECOMPUTED_FACTOR) * saved + L * LAYER_FIXED
+    return blocks + math.ceil(ctx / tokens) * state + 2 * logits
+
+
+def _step_estimate(model: RWKV, batch: int, tokens: int, ctx: int, n: int, saved_per_token: int, now: int) -> float:
+    """The peak RSS of a step recomputing `n` blocks, from this process's RSS `now`."""
+    return now + step_bytes(model.spec, batch, tokens, ctx, n, saved_per_token, head_chunk_bytes(model.head))
 
 
 def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk: int | None = None) -> StepPlan:
@@ -132,10 +145,13 @@ def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk
     down to MIN_TIME_CHUNK) with the fewest recomputed blocks. Both keep the exact gradient; recomputing costs
     a second forward pass of a block, chunking only shorter matrix products. When nothing fits, the least
     memory this model can train in, with fits=False."""
-    per_token, now = saved_bytes_per_token(model), rss_bytes()
+    per_token = saved_bytes_per_token(model)
+    float(model.emb.weight.sum())  # training reads every row sooner or later (the probe read one): count them now
+    release_free_heap()
+    now = rss_bytes()
     chunk = min(ctx, time_chunk or ctx)
     while True:
-        estimates = step_estimates(model, batch, chunk, per_token, now)
+        estimates = step_estimates(model, batch, chunk, per_token, now, ctx)
         for n, estimate in enumerate(estimates):
             if estimate <= budget_bytes:
                 return StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, True)
@@ -145,11 +161,13 @@ def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk
 
 
 def step_estimates(model: RWKV, batch: int, tokens: int, saved_per_token: int | None = None,
-                   now: int | None = None) -> list[float]:
-    """The estimated peak RSS of a step of `batch` x `tokens` recomputing 0, 1, ... n_layer blocks."""
+                   now: int | None = None, ctx: int | None = None) -> list[float]:
+    """The estimated peak RSS of a step of `batch` x `ctx` tokens (default: `tokens`) run `tokens` at a time,
+    recomputing 0, 1, ... n_layer blocks."""
     per_token = saved_bytes_per_token(model) if saved_per_token is None else saved_per_token
     now = rss_bytes() if now is None else now
-    return [_step_estimate(model, batch, tokens, n, per_token, now) for n in range(model.spec.n_layer + 1)]
+    return [_step_estimate(model, batch, tokens, ctx or tokens, n, per_token, now)
+            for n in range(model.spec.n_layer + 1)]
 
 
 def plan_recompute(model: RWKV, batch: int, ctx: int, budget_bytes: float) -> int:

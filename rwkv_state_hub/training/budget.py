@@ -21,20 +21,17 @@ from ..checkpoint import ModelSpec
 from ..errors import InvalidOptionError, option
 from ..loss import HEAD_CHUNK_BYTES, QUANTIZED_HEAD_CHUNK_FACTOR
 from ..model import RWKV, memory
+from ..model.quant import CHUNK_BYTES as QUANT_CHUNK_BYTES
 from .config import TrainConfig
 
 GIB = 2**30
-# what a run holds beyond the model, its data and one step: validation's chunk of logits, the optimizer, a
-# checkpoint or export being written, glibc's heap slack after the step's buffers are freed (measured by
-# benchmarks/memory_budget.py on the 0.1B shape, once validation ran in the step's batch: every budget from the
-# least named up held, at 0.89-0.90 of it near the floor)
-RUN_SLACK = 160 << 20
-# what loading adds beyond the weights as held, as a fraction of them, before the step is planned: the probe of
-# model.memory (one short forward and backward through the whole model) and the allocator's slack from
-# converting the weights (0.1B shape, fp32: up to 0.12 GiB on 0.62). A floor, not a promise: the plan made after
-# loading measures what is really there, and refuses then if the budget still cannot be met.
-LOAD_OVERHEAD = 0.2
-LOAD_FIXED = 96 << 20  # and what any model adds: the modules the step imports, the probe's logits (rounded up)
+# what a run holds beyond the model, its data and one step, and the step's run-to-run spread (+-30 MB): validation
+# (the step's time chunks, no graph), the optimizer, a checkpoint or export being written (measured from outside by
+# benchmarks/memory_budget.py and benchmarks/scale.py, 0.1B and 0.4B shapes, every kind of matrices)
+RUN_SLACK = 64 << 20
+# what a loaded model holds beyond its weights: the modules, the heap of its small fp32 tensors (measured 61-75 MB
+# on the 0.1B and 0.4B shapes with fp32, bf16, int8 and nf4 matrices, after the loading's temporaries are freed)
+LOAD_EXTRA = 96 << 20
 ACT_FLOATS = 52  # floats per channel, layer and token a block saves for its backward (measured, v6 and v7)
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5625}  # bytes per weight with the scales (model/quant.py)
 _LINEAR = re.compile(r"^(head|blocks\.\d+\.(att|ffn)\.(receptance|key|value|output|gate))\.weight$")
@@ -57,13 +54,25 @@ def held_weight_bytes(weights: dict[str, torch.Tensor], precision: str, quant: s
     return int(total)
 
 
+def _converted_bytes(weights: dict[str, torch.Tensor], precision: str, quant: str | None) -> int:
+    """The most file bytes resident at once while the model is built: a matrix stored in another dtype than the
+    one it is held in is read whole before its pages are handed back (a quantized one a few rows at a time)."""
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    return max((t.numel() * t.element_size() for name, t in weights.items()
+                if _LINEAR.match(name) and t.dtype != want and not quant), default=0)
+
+
 def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> int:
-    """The least --memory-budget this run can take, in bytes, before the model is loaded."""
-    tokens = cfg.micro_bsz * memory.MIN_TIME_CHUNK
-    step = tokens * spec.n_embd * 4 * (2 * spec.n_layer + ACT_FLOATS * memory.BASE_BLOCKS)
-    head = 2 * HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if cfg.quant else 1)
-    held = held_weight_bytes(weights, cfg.precision, cfg.quant)
-    return memory.rss_bytes() + int(held * (1 + LOAD_OVERHEAD) + step) + LOAD_FIXED + head + RUN_SLACK
+    """The least --memory-budget this run can take, in bytes, before the model is loaded: this process now, the
+    weights as held, what loading adds, and the larger of loading's transient and the leanest step (every block
+    recomputed, memory.MIN_TIME_CHUNK tokens at a time); then RUN_SLACK. budget.plan's estimate after loading
+    stays below it, so a budget this allows is not refused later."""
+    head = HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if cfg.quant else 1)
+    step = memory.step_bytes(spec, cfg.micro_bsz, min(memory.MIN_TIME_CHUNK, cfg.ctx_len), cfg.ctx_len,
+                             spec.n_layer, ACT_FLOATS * spec.n_embd * 4, head)
+    scratch = 2 * QUANT_CHUNK_BYTES if cfg.quant else 0  # quant.py's buffers of dequantized rows and nf4 codes
+    loaded = memory.rss_bytes() + held_weight_bytes(weights, cfg.precision, cfg.quant) + LOAD_EXTRA + scratch
+    return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + RUN_SLACK)
 
 
 def _refusal(cfg: TrainConfig, least: float, why: str) -> InvalidOptionError:

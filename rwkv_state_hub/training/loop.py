@@ -163,7 +163,7 @@ class _Run:
         val = self.inputs.val
         mine = [val[i] for i in range(self.ddp.rank, len(val), self.ddp.world)]
         r = evaluate(self.model, mine, self.learned().detach(), batch_size=budget.eval_batch(self.cfg),
-                     device=self.device)
+                     device=self.device, time_chunk=self.time_chunk)
         sums = self.ddp.sum_(torch.tensor([r.loss * r.n_tokens, r.accuracy * r.n_tokens, r.n_tokens],
                                           dtype=torch.float64))
         n = max(float(sums[2]), 1.0)
