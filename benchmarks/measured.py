@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 SHAPES = {"0.1b": dict(n_layer=12, n_embd=768), "0.4b": dict(n_layer=24, n_embd=1024),
           "1.5b": dict(n_layer=24, n_embd=2048)}
 VOCAB = 65536
+# the matrices' kind -> train's --precision and --quant
+KINDS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8"), "nf4": ("bf16", "nf4")}
 REPO = Path(__file__).resolve().parents[1]
 _MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)")
@@ -57,6 +60,18 @@ class Run:
     @property
     def ok(self) -> bool:
         return self.metrics is not None
+
+
+def kind_options(kind: str) -> list[str]:
+    """train's options for matrices of `kind` (KINDS)."""
+    precision, quant = KINDS[kind]
+    return ["--precision", precision, *(["--quant", quant] if quant else [])]
+
+
+def least_named(run: Run) -> float | None:
+    """The least --memory-budget (GiB) a refused run named, or None when it was not refused for memory."""
+    found = re.search(r"the least that would work is --memory-budget ([0-9.]+)", run.error)
+    return float(found.group(1)) if found else None
 
 
 def train(args: list[str], out: Path, env: dict[str, str] | None = None) -> Run:

@@ -12,35 +12,25 @@ Each run is its own process (benchmarks/measured.py: the parent's getrusage of i
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measured  # noqa: E402
-from measured import SHAPES, Run  # noqa: E402
+from measured import KINDS, SHAPES, Run, least_named  # noqa: E402
 
 from rwkv_state_hub.checkpoint import read_checkpoint  # noqa: E402
 from rwkv_state_hub.training.budget import GIB, held_weight_bytes  # noqa: E402
 
-KINDS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8"), "nf4": ("bf16", "nf4")}
-
 
 def run(model: Path, data: Path, out: Path, args, kind: str, budget: float | None) -> Run:
     """One measured `rwkv-state train` process: steps, validation, a checkpoint each step and two exports."""
-    precision, quant = KINDS[kind]
     return measured.train(["--model", str(model), "--data", str(data), "--val-data", str(data), "--steps",
-                           str(args.steps), "--ctx-len", str(args.ctx), "--precision", precision,
-                           *(["--quant", quant] if quant else []), "--save-every", "1", "--val-every",
+                           str(args.steps), "--ctx-len", str(args.ctx), *measured.kind_options(kind),
+                           "--save-every", "1", "--val-every",
                            str(args.steps), "--seed", "1", "--export", "pth,ai00",
                            *(["--memory-budget", f"{budget:.3f}"] if budget else [])], out)
-
-
-def named_least(r: Run) -> float | None:
-    """The least budget a refusal names (GiB), or None."""
-    found = re.search(r"the least that would work is --memory-budget ([0-9.]+)", r.error)
-    return float(found.group(1)) if found else None
 
 
 def main() -> None:
@@ -72,7 +62,7 @@ def main() -> None:
                 rate = f"{r.metrics['tokens_per_s']:.1f}" if r.ok else "-"
                 print(f"{kind:<8} {held:>8.2f} {shown:>22} {r.peak_mib:>13.0f} {ratio:>14} {rate:>9}  {result}",
                       flush=True)
-                least = named_least(r) if label == "w+0.1" else None
+                least = least_named(r) if label == "w+0.1" else None
                 if least is not None:  # the named least itself: it must run, within it
                     r = run(model, data, folder / f"run-{kind}-least", args, kind, least)
                     result = r.error[-110:] or ("within" if r.peak_mib <= least * 1024 else "EXCEEDED")

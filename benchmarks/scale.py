@@ -16,7 +16,6 @@ the run at it.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -25,32 +24,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measured  # noqa: E402
-from measured import SHAPES, Run  # noqa: E402
+from measured import KINDS, SHAPES, Run, least_named  # noqa: E402
 
 from rwkv_state_hub.bench import matmul_gflops  # noqa: E402
 from rwkv_state_hub.checkpoint import read_checkpoint  # noqa: E402
 from rwkv_state_hub.plot import save_bar_charts  # noqa: E402
 from rwkv_state_hub.training.budget import GIB, held_weight_bytes  # noqa: E402
 
-# the matrices' kind -> train's --precision and --quant
-KINDS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8"), "nf4": ("bf16", "nf4")}
 HEADROOM_GIB = 1.0
 EPOCH_TOKENS = 10_000_000
 
 
 def train(model: Path, data: Path, out: Path, kind: str, ctx: int, steps: int, budget: float | None) -> Run:
     """One measured `rwkv-state train` process with the matrices of `kind`, under `budget` GiB if given."""
-    precision, quant = KINDS[kind]
     return measured.train(["--model", str(model), "--data", str(data), "--steps", str(steps), "--ctx-len", str(ctx),
-                           "--warmup-steps", "0", "--save-every", str(steps), "--seed", "1", "--precision", precision,
-                           *(["--quant", quant] if quant else []),
+                           "--warmup-steps", "0", "--save-every", str(steps), "--seed", "1",
+                           *measured.kind_options(kind),
                            *(["--memory-budget", f"{budget:.3f}"] if budget else [])], out)
-
-
-def least_named(r: Run) -> float | None:
-    """The least --memory-budget a refusal names, in GiB (None: not refused for memory)."""
-    found = re.search(r"the least that would work is --memory-budget ([0-9.]+)", r.error)
-    return float(found.group(1)) if found else None
 
 
 def cell(r: Run) -> str:

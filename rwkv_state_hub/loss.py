@@ -9,6 +9,8 @@ size of the logits is kept for the backward pass and the head runs once.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -129,39 +131,72 @@ def token_losses(model, batch, state) -> Tensor:
     return _FrozenHeadLoss.apply(hidden, _operand(model.head), batch.targets, batch.loss_mask, False)[2]
 
 
+ALL_BOUNDARIES_UP_TO = 16  # chunks for which chunked_backward keeps every boundary state
+
+
+def boundary_stride(n_chunks: int) -> int:
+    """Every how many chunks chunked_backward keeps the recurrent state in its first pass: all of them up to
+    ALL_BOUNDARIES_UP_TO chunks; beyond, about every sqrt(n)-th (the others are recomputed a segment at a time,
+    one more forward pass without a graph), so that ~2 sqrt(n) states exist at once rather than n: a 64k-token
+    sample in chunks of 256 keeps 32 states of the 0.1B shape (77 MB), not 256 (614 MB)."""
+    return 1 if n_chunks <= ALL_BOUNDARIES_UP_TO else math.isqrt(n_chunks)
+
+
+def boundaries_kept(n_chunks: int) -> int:
+    """The most boundary states chunked_backward holds at once for `n_chunks` chunks."""
+    stride = boundary_stride(n_chunks)
+    return -(-n_chunks // stride) + (stride if stride > 1 else 0)
+
+
 def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0) -> Tensor:
     """The loss sum of `batch` from `state`, and its exact gradient (times `scale`) sent back through `state`,
     with forward and backward run `chunk` positions at a time: the activations of one chunk exist at once,
     whatever the length of the samples. Not truncated backpropagation: every position's loss reaches the state.
 
-    1. A forward pass without a graph keeps the recurrent state at each chunk boundary (all layers).
-    2. From the last chunk back: rerun the chunk from its boundary state with a graph, and backward its loss
+    1. A forward pass without a graph keeps the recurrent state (all layers) at the start of every segment of
+       boundary_stride(n) chunks (every chunk, for up to 16).
+    2. From the last segment back: recompute the states at its chunks' starts from the segment's (no graph);
+       then from its last chunk back, rerun the chunk from its start state with a graph and backward its loss
        together with the gradient the later chunks sent to its final state; the gradient of its initial state
        goes on to the chunk before. The first chunk starts from `state` itself, so the gradient reaches
        whatever made it (the learned state). Returns the loss sum, detached."""
     from .model.common import RecurrentState
 
     starts = list(range(0, batch.inputs.shape[1], chunk))
-    boundaries = []
+    n, stride = len(starts), boundary_stride(len(starts))
+
+    def advance(s, i: int):  # the state after chunk i from its start state s, without a graph
+        part = batch.window(starts[i], starts[i] + chunk)
+        return model.hidden(part.inputs, s, part.mask)[1]
+
+    kept = {}
     with torch.no_grad():
         s = state.detach()
-        for t in starts:
-            boundaries.append(s)
-            _, s = model.hidden(batch.inputs[:, t : t + chunk], s, batch.mask[:, t : t + chunk])
+        for i in range(0, n, stride):
+            kept[i] = s
+            for j in range(i, min(i + stride, n - 1)):
+                s = advance(s, j)
     total = torch.zeros((), dtype=torch.float64)
     carried: tuple[Tensor, ...] | None = None  # d loss(later chunks) / d (this chunk's final state)
-    for i in reversed(range(len(starts))):
-        part = batch.window(starts[i], starts[i] + chunk)
-        start = state if i == 0 else RecurrentState(*(t.clone().requires_grad_() for t in boundaries[i].tensors()))
-        hidden, final = model.hidden(part.inputs, start, part.mask)
-        loss, _ = head_loss(hidden, model.head, part.targets, part.loss_mask.to(hidden.dtype))
-        outputs, grads = [loss * scale], [torch.ones_like(loss)]
-        if carried is not None:
-            pairs = [(t, g) for t, g in zip(final.tensors(), carried, strict=True) if t.requires_grad]
-            outputs += [t for t, _ in pairs]
-            grads += [g for _, g in pairs]
-        torch.autograd.backward(outputs, grads)
-        total += loss.detach().double().cpu()
-        if i > 0:
-            carried = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in start.tensors())
+    for first in reversed(range(0, n, stride)):
+        segment = range(first, min(first + stride, n))
+        boundaries = {first: kept.pop(first)}
+        with torch.no_grad():
+            for i in segment[:-1]:
+                boundaries[i + 1] = advance(boundaries[i], i)
+        for i in reversed(segment):
+            part = batch.window(starts[i], starts[i] + chunk)
+            begin = boundaries.pop(i)
+            start = state if i == 0 else RecurrentState(*(t.clone().requires_grad_() for t in begin.tensors()))
+            hidden, final = model.hidden(part.inputs, start, part.mask)
+            loss, _ = head_loss(hidden, model.head, part.targets, part.loss_mask.to(hidden.dtype))
+            outputs, grads = [loss * scale], [torch.ones_like(loss)]
+            if carried is not None:
+                pairs = [(t, g) for t, g in zip(final.tensors(), carried, strict=True) if t.requires_grad]
+                outputs += [t for t, _ in pairs]
+                grads += [g for _, g in pairs]
+            torch.autograd.backward(outputs, grads)
+            total += loss.detach().double().cpu()
+            if i > 0:
+                carried = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in start.tensors())
     return total

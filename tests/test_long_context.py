@@ -89,6 +89,16 @@ def test_evaluation_in_time_windows_equals_the_whole_pass(random_models, arch):
     assert full.n_tokens == windowed.n_tokens > 0
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_many_chunks_keep_a_boundary_state_per_segment_and_the_same_gradient(random_models, arch):
+    """Beyond 16 chunks the first pass keeps every sqrt(n)-th state and recomputes the others: same gradient."""
+    from rwkv_state_hub.loss import boundaries_kept, boundary_stride
+
+    assert (boundary_stride(16), boundary_stride(21), boundary_stride(256)) == (1, 4, 16)
+    assert (boundaries_kept(16), boundaries_kept(21), boundaries_kept(256)) == (16, 10, 32)
+    _check(load_model(random_models[arch]), chunk=2, lengths=(43, 23))  # 21 chunks: segments of 4, one of 1
+
+
 def test_a_chunk_longer_than_the_batch_is_the_plain_backward(random_models):
     _check(load_model(random_models["v7"]), chunk=1000, lengths=(30,))
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..files import release_free_heap
-from ..loss import head_chunk_bytes
+from ..loss import boundaries_kept, head_chunk_bytes
 from .common import RWKV, RecurrentState
 
 PROBE_TOKENS = 32
@@ -131,7 +131,7 @@ def step_bytes(spec, batch: int, tokens: int, ctx: int, recompute: int, saved_pe
     state = batch * L * (spec.n_head * spec.head_size**2 + 2 * spec.n_embd) * 4
     logits = min(logits_bytes, batch * tokens * spec.vocab_size * 4)
     blocks = ((L - recompute) * KEPT_FACTOR + recompute * RECOMPUTED_FACTOR) * saved + L * LAYER_FIXED
-    return blocks + math.ceil(ctx / tokens) * state + 2 * logits
+    return blocks + boundaries_kept(math.ceil(ctx / tokens)) * state + 2 * logits
 
 
 def _step_estimate(model: RWKV, batch: int, tokens: int, ctx: int, n: int, saved_per_token: int, now: int) -> float:
@@ -139,25 +139,34 @@ def _step_estimate(model: RWKV, batch: int, tokens: int, ctx: int, n: int, saved
     return now + step_bytes(model.spec, batch, tokens, ctx, n, saved_per_token, head_chunk_bytes(model.head))
 
 
+def time_chunks(ctx: int, time_chunk: int | None = None) -> list[int]:
+    """The time chunks a step of `ctx` tokens may run in, longest first: `time_chunk` (or the whole sequence),
+    halving down to MIN_TIME_CHUNK."""
+    chunks = [min(ctx, time_chunk or ctx)]
+    while chunks[-1] > MIN_TIME_CHUNK:
+        chunks.append(max(MIN_TIME_CHUNK, chunks[-1] // 2))
+    return chunks
+
+
 def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk: int | None = None) -> StepPlan:
     """The cheapest way for a step of `batch` x `ctx` tokens to peak within `budget_bytes` of RSS (this process
-    as it is now, weights included): the longest time chunk (from `time_chunk`, or the whole sequence, halving
-    down to MIN_TIME_CHUNK) with the fewest recomputed blocks. Both keep the exact gradient; recomputing costs
-    a second forward pass of a block, chunking only shorter matrix products. When nothing fits, the least
-    memory this model can train in, with fits=False."""
+    as it is now, weights included): the longest time chunk (time_chunks) with the fewest recomputed blocks.
+    Both keep the exact gradient; recomputing costs a second forward pass of a block, chunking only shorter
+    matrix products. When nothing fits, the least memory this model can train in (every block recomputed, in
+    the chunk that needs least: shorter chunks keep more boundary states), with fits=False."""
     per_token = saved_bytes_per_token(model)
     float(model.emb.weight.sum())  # training reads every row sooner or later (the probe read one): count them now
     release_free_heap()
     now = rss_bytes()
-    chunk = min(ctx, time_chunk or ctx)
-    while True:
+    least = None
+    for chunk in time_chunks(ctx, time_chunk):
         estimates = step_estimates(model, batch, chunk, per_token, now, ctx)
         for n, estimate in enumerate(estimates):
             if estimate <= budget_bytes:
                 return StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, True)
-        if chunk <= MIN_TIME_CHUNK:
-            return StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, False)
-        chunk = max(MIN_TIME_CHUNK, chunk // 2)
+        if least is None or estimates[-1] < least.estimate:
+            least = StepPlan(len(estimates) - 1, chunk if chunk < ctx else time_chunk, estimates[-1], False)
+    return least
 
 
 def step_estimates(model: RWKV, batch: int, tokens: int, saved_per_token: int | None = None,

@@ -65,11 +65,11 @@ def _converted_bytes(weights: dict[str, torch.Tensor], precision: str, quant: st
 def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> int:
     """The least --memory-budget this run can take, in bytes, before the model is loaded: this process now, the
     weights as held, what loading adds, and the larger of loading's transient and the leanest step (every block
-    recomputed, memory.MIN_TIME_CHUNK tokens at a time); then RUN_SLACK. budget.plan's estimate after loading
+    recomputed, in the time chunk that needs least); then RUN_SLACK. budget.plan's estimate after loading
     stays below it, so a budget this allows is not refused later."""
     head = HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if cfg.quant else 1)
-    step = memory.step_bytes(spec, cfg.micro_bsz, min(memory.MIN_TIME_CHUNK, cfg.ctx_len), cfg.ctx_len,
-                             spec.n_layer, ACT_FLOATS * spec.n_embd * 4, head)
+    step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, ACT_FLOATS * spec.n_embd * 4,
+                                 head) for chunk in memory.time_chunks(cfg.ctx_len, cfg.time_chunk))
     scratch = 2 * QUANT_CHUNK_BYTES if cfg.quant else 0  # quant.py's buffers of dequantized rows and nf4 codes
     loaded = memory.rss_bytes() + held_weight_bytes(weights, cfg.precision, cfg.quant) + LOAD_EXTRA + scratch
     return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + RUN_SLACK)
