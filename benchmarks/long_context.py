@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measured  # noqa: E402
 
 from rwkv_state_hub.bench import SHAPE, matmul_gflops  # noqa: E402
-from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint  # noqa: E402
 
 
 def one_run(model: Path, data: Path, out: Path, ctx: int, chunk: int | None) -> tuple[float, float]:
@@ -47,8 +46,7 @@ def main() -> None:
     plain = [int(c) for c in args.plain.split(",") if c]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = tmp / "rwkv7-0.1B-shape.pth"
-        save_checkpoint(random_checkpoint("v7", seed=0, dtype=torch.bfloat16, **SHAPE), model)
+        model = measured.random_model("0.1b", tmp)
         data = tmp / "long.txt"  # one long document: windows of ctx tokens (the World tokenizer: ~4 bytes each)
         words = Path(__file__).read_text().split()
         data.write_text(" ".join(words[i % len(words)] for i in range(max(chunked + plain) * 2)))

@@ -26,10 +26,9 @@ from rwkv_state_hub.training.budget import GIB, held_weight_bytes  # noqa: E402
 
 def run(model: Path, data: Path, out: Path, args, kind: str, budget: float | None) -> Run:
     """One measured `rwkv-state train` process: steps, validation, a checkpoint each step and two exports."""
-    return measured.train(["--model", str(model), "--data", str(data), "--val-data", str(data), "--steps",
-                           str(args.steps), "--ctx-len", str(args.ctx), *measured.kind_options(kind),
-                           "--save-every", "1", "--val-every",
-                           str(args.steps), "--seed", "1", "--export", "pth,ai00",
+    return measured.train(["--model", str(model), "--data", str(data), "--val-data", str(data),
+                           "--steps", str(args.steps), "--ctx-len", str(args.ctx), *measured.kind_options(kind),
+                           "--save-every", "1", "--val-every", str(args.steps), "--seed", "1", "--export", "pth,ai00",
                            *(["--memory-budget", f"{budget:.3f}"] if budget else [])], out)
 
 

@@ -41,10 +41,7 @@ def evaluate(
     total, correct, n = 0.0, 0.0, 0
     for start in range(0, len(samples), batch_size):
         batch = collate([samples[i] for i in range(start, min(start + batch_size, len(samples)))]).to(device)
-        if time_chunk:
-            loss_sum, right = windowed_batch_loss(model, batch, state, time_chunk)
-        else:
-            loss_sum, right = batch_loss(model, batch, state)
+        loss_sum, right = windowed_batch_loss(model, batch, state, time_chunk or batch.inputs.shape[1])
         total += float(loss_sum)
         correct += float(right)
         n += batch.n_trained

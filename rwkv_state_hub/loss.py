@@ -114,13 +114,13 @@ def windowed_batch_loss(model, batch, state, chunk: int) -> tuple[Tensor, Tensor
     """batch_loss without a graph, read `chunk` positions at a time with the recurrent state carried from one
     window to the next: the same sums, with the memory of one window whatever the length (validation under a
     memory budget)."""
-    loss_sum, right = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    loss_sum = right = torch.zeros((), dtype=torch.float64, device=batch.inputs.device)
     for t in range(0, batch.inputs.shape[1], chunk):
         part = batch.window(t, t + chunk)
         hidden, state = model.hidden(part.inputs, state, part.mask)
         loss, correct = head_loss(hidden, model.head, part.targets, part.loss_mask.to(hidden.dtype))
-        loss_sum += loss.double()
-        right += correct.double()
+        loss_sum = loss_sum + loss.double()
+        right = right + correct.double()
     return loss_sum, right
 
 

@@ -26,6 +26,7 @@ from ..files import page_out_file_pages
 KINDS = ("int8", "nf4")
 BLOCK = 64  # nf4: weights per absmax
 CHUNK_BYTES = 16 << 20  # dequantized weights alive at once
+SCRATCH_BYTES = 2 * CHUNK_BYTES  # what _buffer holds per thread once a model has run: dequantized rows, nf4 codes
 QUANTIZE_CHUNK_WEIGHTS = 1 << 18  # weights quantized at once: small temporaries, so the heap does not grow
 # QLoRA's NormalFloat4 (Dettmers et al. 2023, bitsandbytes): quantiles of N(0, 1) scaled to [-1, 1], exact 0
 NF4_LEVELS = torch.tensor([
@@ -36,6 +37,7 @@ NF4_LEVELS = torch.tensor([
 ])
 _NF4_EDGES = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2  # a value goes to the nearest level
 _BYTES = torch.arange(256)
+_NF4_PAIRS = torch.stack((NF4_LEVELS[_BYTES >> 4], NF4_LEVELS[_BYTES & 15]), 1)  # byte -> (even, odd) column
 _SCRATCH = threading.local()  # _buffer's, one set per thread
 
 
@@ -48,7 +50,6 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
         buffers.pop(key, None)
         buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffers[key][:numel]
-_NF4_PAIRS = torch.stack((NF4_LEVELS[_BYTES >> 4], NF4_LEVELS[_BYTES & 15]), 1)  # byte -> (even, odd) column
 
 
 def check_kind(kind: str | None) -> None:

@@ -21,7 +21,7 @@ from ..checkpoint import ModelSpec
 from ..errors import InvalidOptionError, option
 from ..loss import HEAD_CHUNK_BYTES, QUANTIZED_HEAD_CHUNK_FACTOR
 from ..model import RWKV, memory
-from ..model.quant import CHUNK_BYTES as QUANT_CHUNK_BYTES
+from ..model.quant import SCRATCH_BYTES
 from .config import TrainConfig
 
 GIB = 2**30
@@ -57,9 +57,11 @@ def held_weight_bytes(weights: dict[str, torch.Tensor], precision: str, quant: s
 def _converted_bytes(weights: dict[str, torch.Tensor], precision: str, quant: str | None) -> int:
     """The most file bytes resident at once while the model is built: a matrix stored in another dtype than the
     one it is held in is read whole before its pages are handed back (a quantized one a few rows at a time)."""
+    if quant:
+        return 0
     want = torch.bfloat16 if precision == "bf16" else torch.float32
-    return max((t.numel() * t.element_size() for name, t in weights.items()
-                if _LINEAR.match(name) and t.dtype != want and not quant), default=0)
+    return max((t.numel() * t.element_size() for name, t in weights.items() if _LINEAR.match(name) and t.dtype != want),
+               default=0)
 
 
 def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> int:
@@ -70,7 +72,7 @@ def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.
     head = HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if cfg.quant else 1)
     step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, ACT_FLOATS * spec.n_embd * 4,
                                  head) for chunk in memory.time_chunks(cfg.ctx_len, cfg.time_chunk))
-    scratch = 2 * QUANT_CHUNK_BYTES if cfg.quant else 0  # quant.py's buffers of dequantized rows and nf4 codes
+    scratch = SCRATCH_BYTES if cfg.quant else 0
     loaded = memory.rss_bytes() + held_weight_bytes(weights, cfg.precision, cfg.quant) + LOAD_EXTRA + scratch
     return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + RUN_SLACK)
 
