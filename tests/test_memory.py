@@ -27,9 +27,16 @@ def full_logits_loss(hidden, head, targets, weight):
     return (F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weight).sum()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype):
+@pytest.mark.parametrize(("dtype", "flash"), [(torch.float32, True), (torch.float32, False), (torch.bfloat16, False)])
+def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype, flash):
+    """Both ways through the head: flash attention (fp32, training) and chunked logits (every head; forced here
+    for fp32 by taking the kernel away)."""
     monkeypatch.setattr(loss_module, "HEAD_CHUNK_BYTES", 16 * 500 * 4)  # 16 rows a chunk: 38 chunks, the last short
+    calls = []
+    kernel = loss_module._FLASH
+    if flash:
+        assert kernel is not None, "torch's CPU flash-attention kernel is missing: the fp32 head runs chunked"
+    monkeypatch.setattr(loss_module, "_FLASH", (lambda *a, **k: calls.append(1) or kernel(*a, **k)) if flash else None)
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(48, 500, bias=False).requires_grad_(False)
     head.weight.data = (torch.randn(500, 48, generator=g) / 7).to(dtype)
@@ -42,6 +49,7 @@ def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype):
     (g_ours,) = torch.autograd.grad(ours * 0.37, hidden)
     ref = full_logits_loss(hidden, head.weight, targets, weight)
     (g_ref,) = torch.autograd.grad(ref * 0.37, hidden)
+    assert len(calls) == flash  # the way named ran
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     assert g_ours[1, 250:].abs().max() == 0  # nothing flows from padding
     if dtype == torch.float32:
