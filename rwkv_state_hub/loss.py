@@ -24,15 +24,29 @@ QUANTIZED_HEAD_CHUNK_FACTOR = 4
 
 Head = Tensor | QuantizedLinear  # a frozen head's weight [V, C], or the head itself when quantized
 
+# An fp32 head's d nll / d hidden is softmax(h W^T) W - W[target]: attention with the hidden state as the query and
+# the head's rows as both keys and values. torch's CPU flash-attention kernel works it out with the log-sum-exp a
+# block of the vocabulary at a time, reading each block of the head once for both products and never holding a row
+# of logits: 1.5x the chunked logits' speed at the 0.1B shape on 2 cores (a 200 MB head is read once per chunk of
+# positions there, twice with the gradient). bf16 and quantized heads keep the chunked logits (faster for them).
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
-def head_chunk_bytes(head: nn.Module) -> int:
-    """The most bytes of fp32 logits that exist at once for this head (model.head)."""
-    return HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if isinstance(head, QuantizedLinear) else 1)
+
+def _chunk_bytes(quantized: bool) -> int:
+    return HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if quantized else 1)
+
+
+def training_logits_bytes(dtype: torch.dtype, quantized: bool) -> int:
+    """The most bytes of fp32 logits a training step holds at once on the CPU through a head of matrices in
+    `dtype` (quantized or not): none through an fp32 head (flash attention), else a chunk."""
+    flash = _FLASH is not None and dtype == torch.float32 and not quantized
+    return 0 if flash else _chunk_bytes(quantized)
 
 
 def _chunk_rows(head: Head) -> int:
-    vocab_size = head.out_features if isinstance(head, QuantizedLinear) else head.shape[0]
-    return max(16, head_chunk_bytes(head) // (vocab_size * 4))
+    quantized = isinstance(head, QuantizedLinear)
+    vocab_size = head.out_features if quantized else head.shape[0]
+    return max(16, _chunk_bytes(quantized) // (vocab_size * 4))
 
 
 def _operand(head: nn.Module) -> Head:
@@ -48,13 +62,6 @@ def _back(g: Tensor, head: Head) -> Tensor:
     """d loss / d logits [rows, V] -> d loss / d h [rows, C] in g's dtype."""
     return head.matmul_t(g) if isinstance(head, QuantizedLinear) else (g.to(head.dtype) @ head).to(g.dtype)
 
-
-# An fp32 head's d nll / d hidden is softmax(h W^T) W - W[target]: attention with the hidden state as the query and
-# the head's rows as both keys and values. torch's CPU flash-attention kernel works it out with the log-sum-exp a
-# block of the vocabulary at a time, reading each block of the head once for both products and never holding a row
-# of logits: 1.5x the chunked logits' speed at the 0.1B shape on 2 cores (a 200 MB head is read once per chunk of
-# positions there, twice with the gradient). bf16 and quantized heads keep the chunked logits (faster for them).
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _flash_fits(flat: Tensor, head: Head) -> bool:
@@ -164,29 +171,33 @@ def token_losses(model, batch, state) -> Tensor:
 
 
 ALL_BOUNDARIES_UP_TO = 16  # chunks for which chunked_backward keeps every boundary state
+# ... and under memory pressure (memory.plan_step): every sqrt(n)-th beyond 4 chunks, at ~10% of the step's time
+# (measured: 0.1B shape, 512 tokens in chunks of 32, every block recomputed: peak -30 MiB)
+SPARSE_BOUNDARIES_FROM = 4
 
 
-def boundary_stride(n_chunks: int) -> int:
+def boundary_stride(n_chunks: int, all_up_to: int = ALL_BOUNDARIES_UP_TO) -> int:
     """Every how many chunks chunked_backward keeps the recurrent state in its first pass: all of them up to
-    ALL_BOUNDARIES_UP_TO chunks; beyond, about every sqrt(n)-th (the others are recomputed a segment at a time,
-    one more forward pass without a graph), so that ~2 sqrt(n) states exist at once rather than n: a 64k-token
-    sample in chunks of 256 keeps 32 states of the 0.1B shape (77 MB), not 256 (614 MB)."""
-    return 1 if n_chunks <= ALL_BOUNDARIES_UP_TO else math.isqrt(n_chunks)
+    `all_up_to` chunks; beyond, about every sqrt(n)-th (the others are recomputed a segment at a time, one more
+    forward pass without a graph), so that ~2 sqrt(n) states exist at once rather than n: a 64k-token sample in
+    chunks of 256 keeps 32 states of the 0.1B shape (77 MB), not 256 (614 MB)."""
+    return 1 if n_chunks <= all_up_to else math.isqrt(n_chunks)
 
 
-def boundaries_kept(n_chunks: int) -> int:
+def boundaries_kept(n_chunks: int, all_up_to: int = ALL_BOUNDARIES_UP_TO) -> int:
     """The most boundary states chunked_backward holds at once for `n_chunks` chunks."""
-    stride = boundary_stride(n_chunks)
+    stride = boundary_stride(n_chunks, all_up_to)
     return -(-n_chunks // stride) + (stride if stride > 1 else 0)
 
 
-def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0) -> Tensor:
+def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0,
+                     all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> Tensor:
     """The loss sum of `batch` from `state`, and its exact gradient (times `scale`) sent back through `state`,
     with forward and backward run `chunk` positions at a time: the activations of one chunk exist at once,
     whatever the length of the samples. Not truncated backpropagation: every position's loss reaches the state.
 
     1. A forward pass without a graph keeps the recurrent state (all layers) at the start of every segment of
-       boundary_stride(n) chunks (every chunk, for up to 16).
+       boundary_stride(n, all_boundaries_up_to) chunks (every chunk, for up to 16 by default).
     2. From the last segment back: recompute the states at its chunks' starts from the segment's (no graph);
        then from its last chunk back, rerun the chunk from its start state with a graph and backward its loss
        together with the gradient the later chunks sent to its final state; the gradient of its initial state
@@ -195,7 +206,7 @@ def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0) -> Ten
     from .model.common import RecurrentState
 
     starts = list(range(0, batch.inputs.shape[1], chunk))
-    n, stride = len(starts), boundary_stride(len(starts))
+    n, stride = len(starts), boundary_stride(len(starts), all_boundaries_up_to)
 
     def advance(s, i: int):  # the state after chunk i from its start state s, without a graph
         part = batch.window(starts[i], starts[i] + chunk)

@@ -36,22 +36,22 @@ def _learned(spec, seed: int) -> LearnedState:
     return learned
 
 
-def _grads(model, learned, batch, chunk: int | None) -> tuple[float, list[torch.Tensor]]:
+def _grads(model, learned, batch, chunk: int | None, all_up_to: int = 16) -> tuple[float, list[torch.Tensor]]:
     learned.zero_grad(set_to_none=True)
     if chunk is None:
         loss, _ = batch_loss(model, batch, learned())
         (loss * 0.5).backward()
         total = float(loss.detach())
     else:
-        total = float(chunked_backward(model, batch, learned(), chunk, scale=0.5))
+        total = float(chunked_backward(model, batch, learned(), chunk, scale=0.5, all_boundaries_up_to=all_up_to))
     return total, [p.grad.clone() for p in learned.parameters()]
 
 
-def _check(model, chunk: int, lengths: tuple[int, ...]):
+def _check(model, chunk: int, lengths: tuple[int, ...], all_up_to: int = 16):
     batch = _batch(model.spec.vocab_size, lengths, seed=1)
     learned = _learned(model.spec, seed=2)
     full_loss, full = _grads(model, learned, batch, None)
-    loss, chunked = _grads(model, learned, batch, chunk)
+    loss, chunked = _grads(model, learned, batch, chunk, all_up_to)
     assert loss == pytest.approx(full_loss, rel=1e-5)
     for a, b in zip(chunked, full, strict=True):
         assert float(b.abs().max()) > 0  # the gradient is not trivially zero
@@ -97,6 +97,16 @@ def test_many_chunks_keep_a_boundary_state_per_segment_and_the_same_gradient(ran
     assert (boundary_stride(16), boundary_stride(21), boundary_stride(256)) == (1, 4, 16)
     assert (boundaries_kept(16), boundaries_kept(21), boundaries_kept(256)) == (16, 10, 32)
     _check(load_model(random_models[arch]), chunk=2, lengths=(43, 23))  # 21 chunks: segments of 4, one of 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_boundaries_under_memory_pressure_give_the_same_gradient(random_models, arch):
+    """Under a tight budget the plan keeps every sqrt(n)-th state from 4 chunks on (loss.SPARSE_BOUNDARIES_FROM)."""
+    from rwkv_state_hub.loss import SPARSE_BOUNDARIES_FROM, boundaries_kept, boundary_stride
+
+    assert (boundary_stride(4, SPARSE_BOUNDARIES_FROM), boundary_stride(11, SPARSE_BOUNDARIES_FROM)) == (1, 3)
+    assert (boundaries_kept(16), boundaries_kept(16, SPARSE_BOUNDARIES_FROM)) == (16, 8)
+    _check(load_model(random_models[arch]), chunk=4, lengths=(43, 23), all_up_to=SPARSE_BOUNDARIES_FROM)  # 11 chunks
 
 
 def test_a_chunk_longer_than_the_batch_is_the_plain_backward(random_models):

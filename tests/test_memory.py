@@ -254,9 +254,15 @@ def test_a_budget_recomputing_cannot_meet_runs_in_time_chunks(monkeypatch):
     assert chunked.fits and chunked.time_chunk == 256 and chunked.estimate <= (whole[-1] + half[-1]) / 2
     assert chunked.recompute == next(n for n, e in enumerate(half) if e <= (whole[-1] + half[-1]) / 2)
     hopeless = memory.plan_step(model, 2, 512, 1 << 20)
-    least = min((memory.step_estimates(model, 2, c, ctx=512)[-1], c) for c in memory.time_chunks(512))
+    least = min((memory.step_estimates(model, 2, c, ctx=512, all_boundaries_up_to=a)[-1], c, a)
+                for c in memory.time_chunks(512) for a in (16, 4))
     assert not hopeless.fits and hopeless.recompute == 12
-    assert (hopeless.estimate, hopeless.time_chunk or 512) == pytest.approx(least)  # the chunk that needs least
+    assert least[2] == 4  # sixteen chunks of 32 keep 8 boundary states, not 16
+    # the chunk and the boundary states that need least
+    assert (hopeless.estimate, hopeless.time_chunk or 512, hopeless.all_boundaries_up_to) == pytest.approx(least)
+    dense = memory.step_estimates(model, 2, 32, ctx=512)[-1]
+    sparse = memory.plan_step(model, 2, 512, (least[0] + dense) / 2)  # fits only with fewer boundary states
+    assert sparse.fits and sparse.all_boundaries_up_to == 4 and sparse.estimate <= (least[0] + dense) / 2
 
 
 def test_the_cli_refuses_a_budget_too_small_before_loading_and_names_the_least(tmp_path):

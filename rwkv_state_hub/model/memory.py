@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from ..files import release_free_heap
-from ..loss import boundaries_kept, head_chunk_bytes
+from ..loss import ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM, boundaries_kept, training_logits_bytes
 from .common import RWKV, RecurrentState
+from .quant import QuantizedLinear
 
 PROBE_TOKENS = 32
 # What a step's peak adds to RSS, in units of one block's saved activations per layer, fitted to a whole step's
@@ -112,31 +113,33 @@ MIN_TIME_CHUNK = 32  # the shortest time chunk plan_step tries: below it, per-ch
 @dataclass(frozen=True)
 class StepPlan:
     """How a step stays within a budget: `recompute` leading blocks recompute their activations, and the
-    sequence runs forward and backward `time_chunk` tokens at a time (None: whole). `estimate`: its peak RSS."""
+    sequence runs forward and backward `time_chunk` tokens at a time (None: whole), keeping every boundary state
+    up to `all_boundaries_up_to` chunks (loss.chunked_backward). `estimate`: its peak RSS."""
 
     recompute: int
     time_chunk: int | None
     estimate: float
     fits: bool
+    all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO
 
 
 def step_bytes(spec, batch: int, tokens: int, ctx: int, recompute: int, saved_per_token: int,
-               logits_bytes: int) -> float:
+               logits_bytes: int, all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> float:
     """What a step of `batch` x `ctx` tokens, run `tokens` at a time with `recompute` blocks recomputed, adds to
-    RSS at its peak: the blocks' activations, the recurrent state kept at each chunk boundary, and a chunk of
-    logits with its gradient (`logits_bytes`: the head's chunk). From the spec alone, so that it can be known
-    before a model is loaded."""
+    RSS at its peak: the blocks' activations, the recurrent state kept at chunk boundaries, and a chunk of
+    logits with its gradient (`logits_bytes`: loss.training_logits_bytes). From the spec alone, so that it can be
+    known before a model is loaded."""
     L = spec.n_layer
     saved = saved_per_token * batch * tokens                      # one block's activations
     state = batch * L * (spec.n_head * spec.head_size**2 + 2 * spec.n_embd) * 4
     logits = min(logits_bytes, batch * tokens * spec.vocab_size * 4)
     blocks = ((L - recompute) * KEPT_FACTOR + recompute * RECOMPUTED_FACTOR) * saved + L * LAYER_FIXED
-    return blocks + boundaries_kept(math.ceil(ctx / tokens)) * state + 2 * logits
+    return blocks + boundaries_kept(math.ceil(ctx / tokens), all_boundaries_up_to) * state + 2 * logits
 
 
-def _step_estimate(model: RWKV, batch: int, tokens: int, ctx: int, n: int, saved_per_token: int, now: int) -> float:
-    """The peak RSS of a step recomputing `n` blocks, from this process's RSS `now`."""
-    return now + step_bytes(model.spec, batch, tokens, ctx, n, saved_per_token, head_chunk_bytes(model.head))
+def _logits_bytes(model: RWKV) -> int:
+    quantized = isinstance(model.head, QuantizedLinear)
+    return training_logits_bytes(torch.float32 if quantized else model.head.weight.dtype, quantized)
 
 
 def time_chunks(ctx: int, time_chunk: int | None = None) -> list[int]:
@@ -150,33 +153,35 @@ def time_chunks(ctx: int, time_chunk: int | None = None) -> list[int]:
 
 def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk: int | None = None) -> StepPlan:
     """The cheapest way for a step of `batch` x `ctx` tokens to peak within `budget_bytes` of RSS (this process
-    as it is now, weights included): the longest time chunk (time_chunks) with the fewest recomputed blocks.
-    Both keep the exact gradient; recomputing costs a second forward pass of a block, chunking only shorter
-    matrix products. When nothing fits, the least memory this model can train in (every block recomputed, in
-    the chunk that needs least: shorter chunks keep more boundary states), with fits=False."""
+    as it is now, weights included), all with the exact gradient. From the longest time chunk (time_chunks) down,
+    the fewest recomputed blocks (each a second forward pass of a block), first keeping every boundary state, then
+    every sqrt(n)-th (one more forward pass without a graph, cheaper than halving the chunk). When nothing fits,
+    the least this model can train in (every block recomputed, in the way that needs least), with fits=False."""
     per_token = saved_bytes_per_token(model)
     float(model.emb.weight.sum())  # training reads every row sooner or later (the probe read one): count them now
     release_free_heap()
     now = rss_bytes()
     least = None
     for chunk in time_chunks(ctx, time_chunk):
-        estimates = step_estimates(model, batch, chunk, per_token, now, ctx)
-        for n, estimate in enumerate(estimates):
-            if estimate <= budget_bytes:
-                return StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, True)
-        if least is None or estimates[-1] < least.estimate:
-            least = StepPlan(len(estimates) - 1, chunk if chunk < ctx else time_chunk, estimates[-1], False)
+        for all_up_to in (ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM):
+            estimates = step_estimates(model, batch, chunk, per_token, now, ctx, all_up_to)
+            for n, estimate in enumerate(estimates):
+                plan = StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, estimate <= budget_bytes, all_up_to)
+                if plan.fits:
+                    return plan
+            if least is None or plan.estimate < least.estimate:
+                least = plan
     return least
 
 
-def step_estimates(model: RWKV, batch: int, tokens: int, saved_per_token: int | None = None,
-                   now: int | None = None, ctx: int | None = None) -> list[float]:
-    """The estimated peak RSS of a step of `batch` x `ctx` tokens (default: `tokens`) run `tokens` at a time,
-    recomputing 0, 1, ... n_layer blocks."""
+def step_estimates(model: RWKV, batch: int, tokens: int, saved_per_token: int | None = None, now: int | None = None,
+                   ctx: int | None = None, all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> list[float]:
+    """The estimated peak RSS (from this process's RSS `now`) of a step of `batch` x `ctx` tokens (default:
+    `tokens`) run `tokens` at a time, recomputing 0, 1, ... n_layer blocks."""
     per_token = saved_bytes_per_token(model) if saved_per_token is None else saved_per_token
     now = rss_bytes() if now is None else now
-    return [_step_estimate(model, batch, tokens, ctx or tokens, n, per_token, now)
-            for n in range(model.spec.n_layer + 1)]
+    return [now + step_bytes(model.spec, batch, tokens, ctx or tokens, n, per_token, _logits_bytes(model),
+                             all_boundaries_up_to) for n in range(model.spec.n_layer + 1)]
 
 
 def plan_recompute(model: RWKV, batch: int, ctx: int, budget_bytes: float) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import ModelSpec
 from ..errors import InvalidOptionError, option
-from ..loss import HEAD_CHUNK_BYTES, QUANTIZED_HEAD_CHUNK_FACTOR
+from ..loss import ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM, training_logits_bytes
 from ..model import RWKV, memory
 from ..model.quant import SCRATCH_BYTES
 from .config import TrainConfig
@@ -32,6 +32,9 @@ RUN_SLACK = 64 << 20
 # what a loaded model holds beyond its weights: the modules, the heap of its small fp32 tensors (measured 61-75 MB
 # on the 0.1B and 0.4B shapes with fp32, bf16, int8 and nf4 matrices, after the loading's temporaries are freed)
 LOAD_EXTRA = 96 << 20
+# the least a refusal names is this much above the least it found: this process's RSS before loading varies by a
+# few MiB between runs, and a run at the named least must not be refused in turn
+NAMED_SPREAD = 16 << 20
 ACT_FLOATS = 52  # floats per channel, layer and token a block saves for its backward (measured, v6 and v7)
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5625}  # bytes per weight with the scales (model/quant.py)
 _LINEAR = re.compile(r"^(head|blocks\.\d+\.(att|ffn)\.(receptance|key|value|output|gate))\.weight$")
@@ -67,18 +70,20 @@ def _converted_bytes(weights: dict[str, torch.Tensor], precision: str, quant: st
 def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> int:
     """The least --memory-budget this run can take, in bytes, before the model is loaded: this process now, the
     weights as held, what loading adds, and the larger of loading's transient and the leanest step (every block
-    recomputed, in the time chunk that needs least); then RUN_SLACK. budget.plan's estimate after loading
-    stays below it, so a budget this allows is not refused later."""
-    head = HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if cfg.quant else 1)
+    recomputed, in the time chunk and with the boundary states that need least); then RUN_SLACK. budget.plan's
+    estimate after loading stays below it, so a budget this allows is not refused later."""
+    logits = training_logits_bytes(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, cfg.quant is not None)
     step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, ACT_FLOATS * spec.n_embd * 4,
-                                 head) for chunk in memory.time_chunks(cfg.ctx_len, cfg.time_chunk))
+                                 logits, all_up_to)
+               for chunk in memory.time_chunks(cfg.ctx_len, cfg.time_chunk)
+               for all_up_to in (ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM))
     scratch = SCRATCH_BYTES if cfg.quant else 0
     loaded = memory.rss_bytes() + held_weight_bytes(weights, cfg.precision, cfg.quant) + LOAD_EXTRA + scratch
     return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + RUN_SLACK)
 
 
 def _refusal(cfg: TrainConfig, least: float, why: str) -> InvalidOptionError:
-    gib = math.ceil(least / GIB * 20) / 20  # rounded up to 0.05 GiB
+    gib = math.ceil((least + NAMED_SPREAD) / GIB * 100) / 100  # rounded up to 0.01 GiB
     hint = "" if cfg.quant else f", or {option('quant', 'nf4')} to hold the matrices in less"
     return InvalidOptionError(f"{option('memory_budget', cfg.memory_budget)}: {why}; the least that would work is "
                               f"{option('memory_budget', gib)}{hint}")

@@ -28,6 +28,7 @@ from ..errors import InvalidDataError, InvalidOptionError, TrainingDiverged, opt
 from ..evaluate import EvalResult, evaluate
 from ..fingerprint import file_fingerprint
 from ..formats import export_state, save_native
+from ..loss import ALL_BOUNDARIES_UP_TO
 from ..model import RWKV, build_model
 from ..model.quant import matrix_dtype, quantization
 from ..plot import plot_losses
@@ -147,6 +148,7 @@ class _Run:
     saved_step: int | None = None  # the step of the last checkpoint written or resumed from
     trackers: tracking.Trackers | None = None
     time_chunk: int | None = None  # tokens a step runs forward and backward at a time (budget.plan)
+    all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO  # chunks with every boundary state kept (budget.plan)
 
     @property
     def writes(self) -> bool:
@@ -223,7 +225,8 @@ def _fit(model: RWKV, cfg: TrainConfig, out: Path | None, ddp: Distributed, devi
     step = budget.plan(model, cfg, device)
     with _recomputing(model, step.recompute):
         learned, opt = new_learned(cfg, model.spec, device, model.ln_out.weight.dtype)
-        run = _Run(cfg, model, inputs, learned, opt, out, ddp, device, time_chunk=step.time_chunk)
+        run = _Run(cfg, model, inputs, learned, opt, out, ddp, device, time_chunk=step.time_chunk,
+                   all_boundaries_up_to=step.all_boundaries_up_to)
         if out is not None:
             run.progress, run.metrics = checkpointing.start(out, cfg, learned, opt, resume, ddp.main)
             run.saved_step = run.progress.step if resume and (out / CHECKPOINT).exists() else None
@@ -250,7 +253,8 @@ def _loop(run: _Run, total: int, stop: dict, show: bool) -> None:
             lr = lr_at(p.step, total, cfg)
             set_lr(run.opt, lr)
             micro = rank_batches(run.inputs.data, p.step, cfg, run.ddp, run.device)
-            r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip, time_chunk=run.time_chunk)
+            r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip, time_chunk=run.time_chunk,
+                           all_boundaries_up_to=run.all_boundaries_up_to)
             if r.problem is not None:
                 raise run.diverged(p.step + 1, r.problem)
             p.step, p.tokens = p.step + 1, p.tokens + r.tokens

@@ -57,7 +57,8 @@ def _time_one_step(model, cfg: TrainConfig, inputs: Inputs, device: torch.device
         learned, opt = new_learned(cfg, model.spec, device, model.ln_out.weight.dtype)
         micro = rank_batches(inputs.data, 0, cfg, SINGLE, device)
         started = time.perf_counter()
-        r = train_step(model, learned, opt, micro, SINGLE, cfg.grad_clip, time_chunk=step.time_chunk)
+        r = train_step(model, learned, opt, micro, SINGLE, cfg.grad_clip, time_chunk=step.time_chunk,
+                       all_boundaries_up_to=step.all_boundaries_up_to)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return max(time.perf_counter() - started, 1e-9), r.tokens

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Batch, Dataset, collate
-from ..loss import batch_loss, chunked_backward
+from ..loss import ALL_BOUNDARIES_UP_TO, batch_loss, chunked_backward
 from ..model import EncodedState, LearnedState
 from ..model.common import RecurrentState
 from .config import TrainConfig
@@ -33,12 +33,13 @@ class StepResult:
 
 
 def train_step(model, learned: Learned, opt: torch.optim.Optimizer, micro: list[Batch],
-               ddp: Distributed = SINGLE, grad_clip: float = 1.0, loss_fn: LossFn | None = None,
-               time_chunk: int | None = None) -> StepResult:
+               ddp: Distributed = SINGLE, grad_clip: float = 1.0, *, loss_fn: LossFn | None = None,
+               time_chunk: int | None = None, all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> StepResult:
     """Forward and backward over this rank's micro-batches, the gradient summed over ranks and clipped, then
     the update. A non-finite loss or gradient skips the update; a non-finite result of it is reported too.
     With `time_chunk`, longer batches run forward and backward that many positions at a time, with the exact
-    gradient (loss.chunked_backward): memory of one chunk, whatever the context length."""
+    gradient (loss.chunked_backward, keeping every boundary state up to `all_boundaries_up_to` chunks): memory of
+    one chunk, whatever the context length."""
     loss_fn = loss_fn or batch_loss
     counts = ddp.sum_(torch.tensor([sum(b.n_trained for b in micro), sum(int(b.mask.sum()) for b in micro)],
                                    dtype=torch.float64))
@@ -47,7 +48,7 @@ def train_step(model, learned: Learned, opt: torch.optim.Optimizer, micro: list[
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro:
         if time_chunk and batch.inputs.shape[1] > time_chunk:
-            loss_sum += chunked_backward(model, batch, learned(), time_chunk, scale=1 / n_global)
+            loss_sum += chunked_backward(model, batch, learned(), time_chunk, 1 / n_global, all_boundaries_up_to)
             continue
         loss, _ = loss_fn(model, batch, learned())
         (loss / n_global).backward()
