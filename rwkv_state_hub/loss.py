@@ -63,7 +63,6 @@ def _back(g: Tensor, head: Head) -> Tensor:
     return head.matmul_t(g) if isinstance(head, QuantizedLinear) else (g.to(head.dtype) @ head).to(g.dtype)
 
 
-
 def _flash_fits(flat: Tensor, head: Head) -> bool:
     return (_FLASH is not None and isinstance(head, Tensor) and head.device.type == "cpu"
             and head.dtype == flat.dtype == torch.float32)
