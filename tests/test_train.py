@@ -325,9 +325,9 @@ def test_state_encoder_trains_and_saves_a_plain_state(tmp_path):
 
 
 def test_chunked_head_and_loss_equal_the_whole_sequence_at_once(monkeypatch):
-    """batch_loss computes the head and the loss a chunk of positions at a time (training: the state gradient
-    worked out with the loss; evaluation: the accuracy too); the loss, the accuracy and the state gradient
-    must equal those from full logits."""
+    """batch_loss computes the head and the loss without full logits (training through this fp32 head: flash
+    attention, the state gradient worked out with the loss; evaluation: a chunk of positions at a time, the
+    accuracy too); the loss, the accuracy and the state gradient must equal those from full logits."""
     from rwkv_state_hub import loss as loss_module
     from rwkv_state_hub.model import RecurrentState
 
