@@ -36,11 +36,15 @@ def _chunk_bytes(quantized: bool) -> int:
     return HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if quantized else 1)
 
 
+def _flash_for(dtype: torch.dtype, quantized: bool) -> bool:
+    """Whether training through a head of matrices in `dtype` (quantized or not) runs flash attention on the CPU."""
+    return _FLASH is not None and dtype == torch.float32 and not quantized
+
+
 def training_logits_bytes(dtype: torch.dtype, quantized: bool) -> int:
     """The most bytes of fp32 logits a training step holds at once on the CPU through a head of matrices in
     `dtype` (quantized or not): none through an fp32 head (flash attention), else a chunk."""
-    flash = _FLASH is not None and dtype == torch.float32 and not quantized
-    return 0 if flash else _chunk_bytes(quantized)
+    return 0 if _flash_for(dtype, quantized) else _chunk_bytes(quantized)
 
 
 def _chunk_rows(head: Head) -> int:
@@ -64,8 +68,8 @@ def _back(g: Tensor, head: Head) -> Tensor:
 
 
 def _flash_fits(flat: Tensor, head: Head) -> bool:
-    return (_FLASH is not None and isinstance(head, Tensor) and head.device.type == "cpu"
-            and head.dtype == flat.dtype == torch.float32)
+    return (isinstance(head, Tensor) and head.device.type == "cpu" and head.dtype == flat.dtype
+            and _flash_for(head.dtype, quantized=False))
 
 
 def _flash_loss(flat: Tensor, head: Tensor, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

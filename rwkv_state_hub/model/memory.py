@@ -154,26 +154,32 @@ def time_chunks(ctx: int, time_chunk: int | None = None) -> list[int]:
     return chunks
 
 
+def step_ways(ctx: int, time_chunk: int | None = None) -> list[tuple[int, int]]:
+    """The ways a step of `ctx` tokens may run, cheapest first, as (time chunk, all_boundaries_up_to): from the
+    longest chunk (time_chunks) down, at each first keeping every boundary state, then every sqrt(n)-th (one more
+    forward pass without a graph, cheaper than halving the chunk)."""
+    return [(chunk, all_up_to) for chunk in time_chunks(ctx, time_chunk)
+            for all_up_to in (ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM)]
+
+
 def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk: int | None = None) -> StepPlan:
     """The cheapest way for a step of `batch` x `ctx` tokens to peak within `budget_bytes` of RSS (this process
-    as it is now, weights included), all with the exact gradient. From the longest time chunk (time_chunks) down,
-    the fewest recomputed blocks (each a second forward pass of a block), first keeping every boundary state, then
-    every sqrt(n)-th (one more forward pass without a graph, cheaper than halving the chunk). When nothing fits,
-    the least this model can train in (every block recomputed, in the way that needs least), with fits=False."""
+    as it is now, weights included), all with the exact gradient: in the first of step_ways that fits, the fewest
+    recomputed blocks (each a second forward pass of a block). When nothing fits, the least this model can train
+    in (every block recomputed, in the way that needs least), with fits=False."""
     per_token = saved_bytes_per_token(model)
     float(model.emb.weight.sum())  # training reads every row sooner or later (the probe read one): count them now
     release_free_heap()
     now = rss_bytes()
     least = None
-    for chunk in time_chunks(ctx, time_chunk):
-        for all_up_to in (ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM):
-            estimates = step_estimates(model, batch, chunk, per_token, now, ctx, all_up_to)
-            for n, estimate in enumerate(estimates):
-                plan = StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, estimate <= budget_bytes, all_up_to)
-                if plan.fits:
-                    return plan
-            if least is None or plan.estimate < least.estimate:
-                least = plan
+    for chunk, all_up_to in step_ways(ctx, time_chunk):
+        estimates = step_estimates(model, batch, chunk, per_token, now, ctx, all_up_to)
+        for n, estimate in enumerate(estimates):
+            plan = StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, estimate <= budget_bytes, all_up_to)
+            if plan.fits:
+                return plan
+        if least is None or plan.estimate < least.estimate:
+            least = plan
     return least
 
 

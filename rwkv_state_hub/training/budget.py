@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import ModelSpec
 from ..errors import InvalidOptionError, option
-from ..loss import ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM, training_logits_bytes
+from ..loss import training_logits_bytes
 from ..model import RWKV, memory
 from ..model.quant import SCRATCH_BYTES
 from .config import TrainConfig
@@ -73,10 +73,9 @@ def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.
     recomputed, in the time chunk and with the boundary states that need least); then RUN_SLACK. budget.plan's
     estimate after loading stays below it, so a budget this allows is not refused later."""
     logits = training_logits_bytes(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, cfg.quant is not None)
-    step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, ACT_FLOATS * spec.n_embd * 4,
-                                 logits, all_up_to)
-               for chunk in memory.time_chunks(cfg.ctx_len, cfg.time_chunk)
-               for all_up_to in (ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM))
+    per_token = ACT_FLOATS * spec.n_embd * 4
+    step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, per_token, logits, all_up_to)
+               for chunk, all_up_to in memory.step_ways(cfg.ctx_len, cfg.time_chunk))
     scratch = SCRATCH_BYTES if cfg.quant else 0
     loaded = memory.rss_bytes() + held_weight_bytes(weights, cfg.precision, cfg.quant) + LOAD_EXTRA + scratch
     return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + RUN_SLACK)

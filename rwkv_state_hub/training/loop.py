@@ -28,8 +28,8 @@ from ..errors import InvalidDataError, InvalidOptionError, TrainingDiverged, opt
 from ..evaluate import EvalResult, evaluate
 from ..fingerprint import file_fingerprint
 from ..formats import export_state, save_native
-from ..loss import ALL_BOUNDARIES_UP_TO
 from ..model import RWKV, build_model
+from ..model.memory import StepPlan
 from ..model.quant import matrix_dtype, quantization
 from ..plot import plot_losses
 from ..state import State
@@ -143,12 +143,11 @@ class _Run:
     out: Path | None
     ddp: Distributed
     device: torch.device
+    plan: StepPlan  # how each step runs (budget.plan)
     progress: Progress = field(default_factory=Progress)
     metrics: list[dict] = field(default_factory=list)
     saved_step: int | None = None  # the step of the last checkpoint written or resumed from
     trackers: tracking.Trackers | None = None
-    time_chunk: int | None = None  # tokens a step runs forward and backward at a time (budget.plan)
-    all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO  # chunks with every boundary state kept (budget.plan)
 
     @property
     def writes(self) -> bool:
@@ -165,7 +164,7 @@ class _Run:
         val = self.inputs.val
         mine = [val[i] for i in range(self.ddp.rank, len(val), self.ddp.world)]
         r = evaluate(self.model, mine, self.learned().detach(), batch_size=budget.eval_batch(self.cfg),
-                     device=self.device, time_chunk=self.time_chunk)
+                     device=self.device, time_chunk=self.plan.time_chunk)
         sums = self.ddp.sum_(torch.tensor([r.loss * r.n_tokens, r.accuracy * r.n_tokens, r.n_tokens],
                                           dtype=torch.float64))
         n = max(float(sums[2]), 1.0)
@@ -225,8 +224,7 @@ def _fit(model: RWKV, cfg: TrainConfig, out: Path | None, ddp: Distributed, devi
     step = budget.plan(model, cfg, device)
     with _recomputing(model, step.recompute):
         learned, opt = new_learned(cfg, model.spec, device, model.ln_out.weight.dtype)
-        run = _Run(cfg, model, inputs, learned, opt, out, ddp, device, time_chunk=step.time_chunk,
-                   all_boundaries_up_to=step.all_boundaries_up_to)
+        run = _Run(cfg, model, inputs, learned, opt, out, ddp, device, step)
         if out is not None:
             run.progress, run.metrics = checkpointing.start(out, cfg, learned, opt, resume, ddp.main)
             run.saved_step = run.progress.step if resume and (out / CHECKPOINT).exists() else None
@@ -253,8 +251,8 @@ def _loop(run: _Run, total: int, stop: dict, show: bool) -> None:
             lr = lr_at(p.step, total, cfg)
             set_lr(run.opt, lr)
             micro = rank_batches(run.inputs.data, p.step, cfg, run.ddp, run.device)
-            r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip, time_chunk=run.time_chunk,
-                           all_boundaries_up_to=run.all_boundaries_up_to)
+            r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip,
+                           time_chunk=run.plan.time_chunk, all_boundaries_up_to=run.plan.all_boundaries_up_to)
             if r.problem is not None:
                 raise run.diverged(p.step + 1, r.problem)
             p.step, p.tokens = p.step + 1, p.tokens + r.tokens
