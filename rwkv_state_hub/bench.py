@@ -1,6 +1,6 @@
 """State-tuning speed and memory on the CPU, side by side with a naive baseline, in one run.
 
-    rwkv-state bench [--arch v7,v6] [--ctx 512] [--steps 3] [--configs naive,fp32,bf16,lean-fp32,lean-bf16]
+    rwkv-state bench [--arch v7,v6] [--ctx 512] [--steps 3] [--configs naive,torch-fp32,fp32,...]
     (or .venv/bin/python benchmarks/train_speed.py with the same options)
 
 A random-weight RWKV of the 0.1B shape (L12 D768, head size 64, vocab 65536), saved in bf16 like the
@@ -9,7 +9,9 @@ process (so its peak RSS is its own) and does whole training steps (forward, los
 state, Adam on the state):
     naive      the reference WKV loop with every weight requiring a gradient, fp32, full logits: what
                training code that does not special-case frozen weights costs
-    fp32       the trainer's step: chunked WKV, frozen weights, head and loss fused in chunks
+    torch-fp32 the trainer's step with the WKV in chunked torch (the path before the CPU kernels, and
+    torch-bf16 the fallback where they cannot be built): frozen weights, head and loss without logits
+    fp32       the trainer's step: the WKV in the C++ CPU kernels (wkv/csrc/wkv_cpu.cpp)
     bf16       the same with bf16 weights (the official checkpoints are bf16; the state maths stays fp32)
     lean-fp32  fp32 under a memory budget of "weights + 1 GiB", as `--memory-budget` does it: as many
     lean-bf16  layers' activations recomputed in the backward pass as the budget needs (model/memory.py)
@@ -30,7 +32,7 @@ import time
 
 import torch
 
-CONFIGS = ("naive", "fp32", "bf16", "lean-fp32", "lean-bf16")
+CONFIGS = ("naive", "torch-fp32", "fp32", "torch-bf16", "bf16", "lean-fp32", "lean-bf16")
 SHAPE = dict(n_layer=12, n_embd=768, head_size=64, vocab_size=65536)  # RWKV 0.1B
 LEAN_HEADROOM = 1 << 30  # the lean configs' aim: peak RSS at most the weights + 1 GiB
 
@@ -58,7 +60,7 @@ def one_config(path: str, config: str, ctx: int, steps: int) -> dict:
     from .training import TrainConfig
     from .training.step import new_learned, train_step
 
-    os.environ["RWKV_STATE_HUB_WKV"] = "reference" if config == "naive" else "chunked"
+    os.environ["RWKV_STATE_HUB_WKV"] = {"naive": "reference", "torch": "chunked"}.get(config.split("-")[0], "cpu")
     dtype = torch.bfloat16 if config.endswith("bf16") else torch.float32
     model = load_model(path, dtype=dtype)
     weights_bytes = model.spec.n_params * dtype.itemsize
@@ -114,6 +116,7 @@ def run(archs: list[str], ctx: int = 512, steps: int = 3, configs: list[str] | N
     peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     out(f"threads {torch.get_num_threads()}, ctx {ctx}, micro-batch 1, {steps} timed steps each; "
         f"this machine's matmul: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s")
+    out(kernel_build_line())
     out(f"{'arch':<5} {'config':<10} {'tokens/s':>9} {'x ' + configs[0]:>8} {'s/step':>7} {'peak RSS MiB':>13} "
         f"{'weights+1GiB':>13} {'recompute':>9} {'GFLOP/s':>8} {'% of matmul':>12}")
     rows = []
@@ -139,6 +142,20 @@ def run(archs: list[str], ctx: int = 512, steps: int = 3, configs: list[str] | N
                     f"{r['seconds_per_step']:>7.2f} {r['peak_rss_mib']:>13.0f} {target:>13.0f} {recompute:>9} "
                     f"{r['gflops']:>8.1f} {r['pct_of_matmul']:>11.1f}%")
     return rows
+
+
+def kernel_build_line() -> str:
+    """Builds (or loads the cached) CPU WKV kernels here, before any timing, and says how long that took."""
+    from .wkv import cpu
+
+    t0 = time.perf_counter()
+    module = cpu.load()
+    seconds = time.perf_counter() - t0
+    if module is None:
+        return "CPU WKV kernels: not available here (the kernel configurations run the torch path)"
+    if cpu.EXTENSION.compile_seconds is None:
+        return f"CPU WKV kernels: a cached build, loaded in {seconds:.1f} s"
+    return f"CPU WKV kernels: compiled in {cpu.EXTENSION.compile_seconds:.1f} s (first use; cached after)"
 
 
 def main(argv: list[str] | None = None) -> None:

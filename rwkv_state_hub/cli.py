@@ -315,7 +315,8 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
 @click.option("--save-every", type=int, help="Checkpoint interval in steps.  [default: 50]")
 @click.option("--device", help="auto | cpu | cuda  [default: auto]")
 @click.option("--kernel", type=click.Choice(["auto", "torch", "cuda"]),
-              help="WKV: cuda = the CUDA kernels (not yet verified on a GPU); auto = the torch path.  [default: auto]")
+              help="WKV: auto = the C++ kernels on a CPU (built on first use), the torch path on a GPU; torch = the "
+                   "torch path; cuda = the CUDA kernels (not yet verified on a GPU).  [default: auto]")
 @click.option("--export", "exports", multiple=True, help="Also write consumer formats: pth, ai00 (comma-separated).")
 @click.option("--report-to", "report_to", multiple=True,
               help="Also log each step to trackio, wandb or tensorboard (comma-separated; each needs its package).")

@@ -14,6 +14,7 @@ fp32 and bf16; and the model's loss and state gradient equal on cuda and cpu for
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from conftest import REAL_MODELS, REPO, prompt_tokens, random_state_like, real_model_path
 
 from rwkv_state_hub import StateHubError, wkv
-from rwkv_state_hub.wkv import cuda, reference
+from rwkv_state_hub.wkv import cpu, cuda, reference
 from rwkv_state_hub.wkv.chunked5 import wkv5_chunked
 from rwkv_state_hub.wkv.chunked7 import wkv7_fast
 
@@ -438,8 +439,7 @@ def test_the_binding_refuses_what_the_kernels_cannot_take(emulated):
 @pytest.fixture
 def fresh_loader(monkeypatch):
     """The loader as on first use: nothing loaded, nothing said yet."""
-    monkeypatch.setattr(cuda, "_loaded", {})
-    monkeypatch.setattr(cuda, "_told", set())
+    monkeypatch.setattr(cuda, "EXTENSION", dataclasses.replace(cuda.EXTENSION))
 
 
 def test_without_a_gpu_the_loader_says_why_once_and_falls_back(fresh_loader, monkeypatch, capsys):
@@ -465,7 +465,7 @@ def test_a_failed_build_is_one_line_and_falls_back(fresh_loader, monkeypatch, ca
     def broken_build():
         raise RuntimeError("Error building extension 'rwkv_state_hub_wkv'\nnvcc fatal: something")
 
-    monkeypatch.setattr(cuda, "_build", broken_build)
+    monkeypatch.setattr(cuda.EXTENSION, "build", broken_build)
     assert cuda.load() is None and cuda.load() is None
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("rwkv-state-hub: CUDA WKV kernels not used (the build in ")
@@ -474,7 +474,7 @@ def test_a_failed_build_is_one_line_and_falls_back(fresh_loader, monkeypatch, ca
 
 def test_cpu_tensors_head_sizes_and_dtypes_the_kernels_lack_fall_back(fresh_loader, monkeypatch, capsys):
     """With the extension loaded, inputs it cannot take still run (on the torch path), each reason said once."""
-    monkeypatch.setitem(cuda._loaded, "module", object())
+    monkeypatch.setattr(cuda.EXTENSION, "module", object())
     xs = {n: x.float() for n, x in inputs5(1, 3, 1, 16).items()}
     for _ in range(2):
         torch.testing.assert_close(cuda.wkv5(**xs)[0], wkv5_chunked(**xs)[0])
@@ -484,21 +484,24 @@ def test_cpu_tensors_head_sizes_and_dtypes_the_kernels_lack_fall_back(fresh_load
 
 def test_the_build_folder_follows_the_sources_and_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    folder = cuda.build_dir()
-    assert folder.parent == tmp_path / "ext" and folder.name.startswith("wkv-") and "+" not in folder.name
-    assert cuda.build_dir() == folder  # stable: the cached build is found again
-    monkeypatch.setattr(cuda, "SOURCE_DIR", tmp_path)  # other sources, another folder
-    assert cuda.build_dir() != folder
+    for ext in (cuda.EXTENSION, cpu.EXTENSION):
+        folder = ext.build_dir()
+        assert folder.parent == tmp_path / "ext" and folder.name.startswith(f"{ext.name}-") and "+" not in folder.name
+        assert ext.build_dir() == folder  # stable: the cached build is found again
+        monkeypatch.setattr(ext, "source_dir", tmp_path)  # other sources, another folder
+        assert ext.build_dir() != folder
+    assert cuda.EXTENSION.build_dir() != cpu.EXTENSION.build_dir()
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    assert str(cuda.build_dir()).startswith(os.environ["RWKV_STATE_HUB_CACHE"])
+    assert str(cuda.EXTENSION.build_dir()).startswith(os.environ["RWKV_STATE_HUB_CACHE"])
 
 
 def test_the_backend_is_chosen_by_name_and_cuda_only_when_asked(fresh_loader, monkeypatch, capsys):
     monkeypatch.delenv("RWKV_STATE_HUB_WKV", raising=False)
-    assert wkv.backend() == "chunked"
+    assert wkv.backend() == "auto"
     xs = {n: x.float() for n, x in inputs7(1, 6, 1, 64).items()}
-    y_chunked = wkv.wkv7(**xs)[0]
-    assert capsys.readouterr().err == ""  # the default never touches the CUDA loader
+    y_chunked = wkv7_fast(**xs)[0]
+    torch.testing.assert_close(wkv.wkv7(**xs)[0], y_chunked)  # the CPU kernels (or their fallback)
+    assert "CUDA" not in capsys.readouterr().err  # the default never touches the CUDA loader
     monkeypatch.setenv("RWKV_STATE_HUB_WKV", "cuda")
     assert wkv.backend() == "cuda"
     torch.testing.assert_close(wkv.wkv7(**xs)[0], y_chunked)
@@ -531,7 +534,7 @@ def test_train_with_kernel_cuda_falls_back_on_this_machine_and_rejects_unknown_k
     cuda_run = train(TrainConfig(**base, out=str(tmp_path / "cuda"), kernel="cuda"), progress=False)
     assert capsys.readouterr().err.splitlines() == [
         "rwkv-state-hub: CUDA WKV kernels not used (kernel='cuda' with device='cpu'); using the torch path"]
-    assert wkv.backend() == "chunked"  # the trainer's choice ends with the run
+    assert wkv.backend() == "auto"  # the trainer's choice ends with the run
     torch.testing.assert_close(cuda_run.state.wkv, torch_run.state.wkv)
 
 
@@ -547,7 +550,7 @@ def test_cli_offers_the_kernel_option():
 def kernels_or_fail():
     """On a GPU the kernels must build: a fallback here would compare the torch path with itself."""
     module = cuda.load()
-    assert module is not None, f"CUDA kernels unavailable on a GPU machine: {cuda._loaded.get('reason')}"
+    assert module is not None, f"CUDA kernels unavailable on a GPU machine: {cuda.EXTENSION.reason}"
     return module
 
 

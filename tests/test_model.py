@@ -251,7 +251,7 @@ def test_learning_the_state_of_a_real_model_lowers_its_loss(name, enc, ratio):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fast_wkv_equals_the_reference_loop_through_the_model(random_models, arch, monkeypatch):
-    """The default (chunked) WKV and the plain loops give the same logits and state gradient, end to end
+    """The chunked WKV, the CPU kernels and the plain loops give the same logits and state gradient, end to end
     (a padded batch longer than one chunk)."""
     model = load_model(random_models[arch])
     g = torch.Generator().manual_seed(9)
@@ -260,12 +260,13 @@ def test_fast_wkv_equals_the_reference_loop_through_the_model(random_models, arc
     mask[1, 30:] = False
     init = random_state_like(model.spec, seed=4, scale=0.3, full=True)
     results = []
-    for name in ("reference", "chunked"):
+    for name in ("reference", "chunked", "cpu"):
         monkeypatch.setenv("RWKV_STATE_HUB_WKV", name)
         rs = init.to_recurrent()
         rs.wkv.requires_grad_()
         logits, final = model(tokens, rs, mask)
         (logits.square().mean() + final.wkv.square().mean()).backward()
         results.append((logits.detach(), final.wkv.detach(), rs.wkv.grad))
-    for ref, fast in zip(results[0], results[1], strict=True):
-        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    for fast_results in results[1:]:
+        for ref, fast in zip(results[0], fast_results, strict=True):
+            torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

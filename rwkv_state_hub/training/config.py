@@ -65,7 +65,7 @@ class TrainConfig:
     val_every: int = 50
     save_every: int = 50
     device: str = "auto"
-    kernel: str = "auto"  # WKV: auto = torch (until the CUDA kernels are verified on hardware), torch, cuda
+    kernel: str = "auto"  # WKV: auto = C++ kernels on CPU, torch on GPU (CUDA kernels unverified); torch; cuda
     export: list[str] = field(default_factory=list)
     report_to: list[str] = field(default_factory=list)  # experiment trackers: trackio, wandb, tensorboard
 

@@ -121,14 +121,17 @@ def load_inputs(cfg: TrainConfig, spec) -> Inputs:
     return Inputs(tokenizer, data, val)
 
 
-def use_cuda_kernels(cfg: TrainConfig, device: torch.device) -> bool:
-    """kernel="cuda" on a CUDA device: build (or find) the kernels now; elsewhere one line says why not."""
+def wkv_backend(cfg: TrainConfig, device: torch.device) -> str | None:
+    """The WKV backend the run asks for (None: the default, wkv's "auto"). kernel="cuda" on a CUDA device builds
+    (or finds) the kernels now; elsewhere one line says why not."""
+    if cfg.kernel == "torch":
+        return "chunked"
     if cfg.kernel == "cuda" and device.type == "cuda":
         cuda_wkv.load()
-        return True
+        return "cuda"
     if cfg.kernel == "cuda":
         cuda_wkv.tell(f"{option('kernel', 'cuda')} with {option('device', device.type)}")
-    return False
+    return None
 
 
 @dataclass
@@ -219,7 +222,7 @@ def _fit(model: RWKV, cfg: TrainConfig, out: Path | None, ddp: Distributed, devi
          show: bool, inputs: Inputs | None = None) -> TrainResult:
     """Load the data (unless given), then train `model`'s state as configured: what train() and train_state()
     share."""
-    kernels = use_cuda_kernels(cfg, device)
+    backend = wkv_backend(cfg, device)
     inputs = inputs or load_inputs(cfg, model.spec)
     step = budget.plan(model, cfg, device)
     with _recomputing(model, step.recompute):
@@ -233,7 +236,7 @@ def _fit(model: RWKV, cfg: TrainConfig, out: Path | None, ddp: Distributed, devi
             run.trackers = tracking.Trackers(cfg, out, out.name if out is not None else model.spec.name)
         started, tokens_before = time.perf_counter(), run.progress.tokens
         try:
-            with _ctrl_c_stops() as stop, _wkv_backend("cuda" if kernels else None):
+            with _ctrl_c_stops() as stop, _wkv_backend(backend):
                 _loop(run, total, stop, show)
         finally:
             if run.trackers is not None:

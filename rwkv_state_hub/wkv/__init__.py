@@ -2,13 +2,14 @@
 
 Implementations with one signature each:
     reference.py  plain loops over time: the maths in plain sight, the oracle
-    chunked5.py   RWKV-5.2 / RWKV-6 in chunks (the fast CPU path)
-    chunked7.py   RWKV-7 in chunked WY form (the fast CPU path)
+    chunked5.py   RWKV-5.2 / RWKV-6 in chunks (torch only: the fallback, and the path for CUDA tensors)
+    chunked7.py   RWKV-7 in chunked WY form (torch only: the fallback, and the path for CUDA tensors)
+    cpu.py        the C++ CPU kernels in csrc/wkv_cpu.cpp (built on first use): the fast CPU path
     cuda.py       the CUDA kernels in csrc/ (built on first use; not yet verified on hardware)
-`wkv5` and `wkv7` below pick the chunked ones; RWKV_STATE_HUB_WKV=reference selects the loops (to
-check a result, or to measure the difference), RWKV_STATE_HUB_WKV=cuda the CUDA kernels (only when asked:
-they fall back to the chunked path, saying why in one line, where they cannot run). `set_backend` does
-the same from code (the trainer's `--kernel cuda`).
+`wkv5` and `wkv7` below pick ("auto") the CPU kernels for CPU tensors and the chunked torch path for CUDA
+ones; RWKV_STATE_HUB_WKV=chunked, reference, cpu or cuda selects one (the loops check a result or measure the
+difference; a kernel that cannot run falls back to the chunked path, saying why in one line). `set_backend`
+does the same from code (the trainer's `--kernel`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ import os
 
 from torch import Tensor
 
-from . import reference
+from . import cpu, reference
 from .chunked5 import wkv5_chunked
 from .chunked7 import wkv7_fast
 
-BACKENDS = ("chunked", "reference", "cuda")
+BACKENDS = ("auto", "chunked", "reference", "cpu", "cuda")
 _chosen: str | None = None  # set_backend's choice; wins over the environment
 
 
 def backend() -> str:
-    """'chunked' (default), 'reference' or 'cuda': set_backend's choice, else RWKV_STATE_HUB_WKV; read on every call."""
-    name = _chosen or os.environ.get("RWKV_STATE_HUB_WKV", "chunked")
+    """One of BACKENDS ('auto' by default): set_backend's choice, else RWKV_STATE_HUB_WKV; read on every call."""
+    name = _chosen or os.environ.get("RWKV_STATE_HUB_WKV", "auto")
     if name not in BACKENDS:
         raise ValueError(f"RWKV_STATE_HUB_WKV={name!r}: expected one of {', '.join(BACKENDS)}")
     return name
@@ -51,6 +52,8 @@ def wkv5(r: Tensor, k: Tensor, v: Tensor, log_w: Tensor, u: Tensor, state: Tenso
         from . import cuda
 
         return cuda.wkv5(r, k, v, log_w, u, state)
+    if name == "cpu" or (name == "auto" and not r.is_cuda):
+        return cpu.wkv5(r, k, v, log_w, u, state)
     return wkv5_chunked(r, k, v, log_w, u, state)
 
 
@@ -63,6 +66,8 @@ def wkv7(r: Tensor, k: Tensor, v: Tensor, log_w: Tensor, a: Tensor, b: Tensor, s
         from . import cuda
 
         return cuda.wkv7(r, k, v, log_w, a, b, state)
+    if name == "cpu" or (name == "auto" and not r.is_cuda):
+        return cpu.wkv7(r, k, v, log_w, a, b, state)
     return wkv7_fast(r, k, v, log_w, a, b, state)
 
 

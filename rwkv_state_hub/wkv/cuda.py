@@ -18,28 +18,30 @@ has passed on a GPU.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from ..files import cache_dir
+from .build import Extension
 from .chunked5 import wkv5_chunked
 from .chunked7 import wkv7_fast
 
-SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("wkv_binding.cpp", "wkv5.cu", "wkv7.cu")
 HEADERS = ("wkv_common.cuh", "wkv_chunk.h")
 HEAD_SIZES = (8, 16, 32, 64)
 DTYPES = (torch.float32, torch.bfloat16)
-EXTENSION_NAME = "rwkv_state_hub_wkv"
 
-_loaded: dict[str, ModuleType | str] = {}  # "module" -> the extension, or "reason" -> why there is none
-_told: set[str] = set()
+EXTENSION = Extension(
+    name="rwkv_state_hub_wkv",
+    what="CUDA WKV kernels",
+    sources=SOURCES,
+    headers=HEADERS,
+    tag=f"torch{torch.__version__}-cuda{torch.version.cuda}",
+    cflags=("-O3",),
+    cuda_cflags=("-O3", "-Xptxas", "-O3"),
+)
+SOURCE_DIR = EXTENSION.source_dir
 
 
 def unavailable_reason() -> str | None:
@@ -47,9 +49,9 @@ def unavailable_reason() -> str | None:
 
     Missing sources are said first, whatever the machine: they mean a broken install, which a CPU-only machine
     would otherwise hide until the package reaches a GPU."""
-    missing = [name for name in SOURCES + HEADERS if not (SOURCE_DIR / name).is_file()]
+    missing = EXTENSION.missing_source()
     if missing:
-        return f"kernel sources not found ({SOURCE_DIR / missing[0]}; reinstall rwkv-state-hub)"
+        return missing
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build"
     if not torch.cuda.is_available():
@@ -63,58 +65,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def build_dir() -> Path:
-    """Where the compiled extension is cached: one folder per version of the sources, torch and CUDA."""
-    h = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        path = SOURCE_DIR / name
-        h.update(name.encode() + (path.read_bytes() if path.is_file() else b""))
-    base = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cache_dir() / "torch_extensions")
-    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
-    return base / f"wkv-{h.hexdigest()[:12]}-{tag}"
-
-
 def tell(reason: str) -> None:
     """Say once, in one line, why the CUDA kernels are not used for something."""
-    if reason not in _told:
-        _told.add(reason)
-        print(f"rwkv-state-hub: CUDA WKV kernels not used ({reason}); using the torch path", file=sys.stderr)
+    EXTENSION.tell(reason)
 
 
 def load() -> ModuleType | None:
     """The compiled extension (built on first use), or None after saying why in one line."""
-    if "module" in _loaded:
-        return _loaded["module"]
-    if "reason" not in _loaded:
-        reason = unavailable_reason()
-        if reason is None:
-            try:
-                _loaded["module"] = _build()
-                return _loaded["module"]
-            except Exception as e:  # a failed compile or link: fall back rather than stop the run
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                reason = f"the build in {build_dir()} failed: {type(e).__name__}: {first}"
-        _loaded["reason"] = reason
-    tell(str(_loaded["reason"]))
-    return None
-
-
-def _build() -> ModuleType:
-    from torch.utils.cpp_extension import load as load_extension
-
-    folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    if not any(folder.glob(f"{EXTENSION_NAME}*.so")):
-        print(f"rwkv-state-hub: building the CUDA WKV kernels in {folder} (first use, about a minute)",
-              file=sys.stderr)
-    return load_extension(
-        name=EXTENSION_NAME,
-        sources=[str(SOURCE_DIR / name) for name in SOURCES],
-        build_directory=str(folder),
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-Xptxas", "-O3"],
-        verbose=False,
-    )
+    return EXTENSION.load(unavailable_reason)
 
 
 def _kernel_for(r: Tensor) -> ModuleType | None:

@@ -1,0 +1,393 @@
+// The WKV recurrences on CPU, one time step after another, with a state input, the final state output and the
+// gradient to everything (the state included). Built on first use by rwkv_state_hub/wkv/cpu.py.
+//
+// Why a loop and not chunks: a 64 x 64 state (16 KB) stays in the L1 cache, so stepping through time costs
+// about 5 N^2 multiply-adds a step forward and 13 backward, while the chunked torch form spends most of its time
+// on many small tensors. The maths is the reference loops' (rwkv_state_hub/wkv/reference.py) and the CUDA
+// kernels' (wkv7.cu, wkv5.cu); S is [value i][key j] and every input [B, T, H, N] fp32.
+//
+// RWKV-7:  S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,   y_t = S_t r_t
+//   backward, G = dS_t + gy_t r_t^T (the gradient to S_t) and sa = S_{t-1} a_t:
+//   dS_{t-1} = G diag(w_t) + (G b_t) a_t^T     gv = G k    gk = G^T v    gb = G^T sa    ga = S_{t-1}^T (G b)
+//   d log_w = w . diag(G^T S_{t-1})            gr = S_t^T gy = w . (S_{t-1}^T gy) + b (gy . sa) + k (gy . v)
+// RWKV-5.2 / 6:  y_t = S_{t-1} r_t + v_t (u . k_t . r_t),   S_t = S_{t-1} diag(w_t) + v_t k_t^T
+//   backward, G = dS_t:  dS_{t-1} = G diag(w_t) + gy_t r_t^T     gv = G k + gy (u . k . r)
+//   gk = G^T v + u . r (gy . v)    gr = S_{t-1}^T gy + u . k (gy . v)    d log_w = w . diag(G^T S_{t-1})
+//   (d u is summed by the caller from gy, v, k, r.)
+// Backward walks the chunks of kChunk steps from the last: it recomputes the chunk's states S_{t-1} from the
+// checkpoint the forward pass kept (no division by the decay), then steps back through them.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kChunk = 16;  // steps between checkpoints: a chunk's recomputed states take kChunk * 16 KB
+
+struct Dims {
+    int64_t B, T, H, N;
+    int64_t chunks() const { return (T + kChunk - 1) / kChunk; }
+    int64_t step() const { return H * N; }  // distance between time steps in a [B, T, H, N] tensor
+    int64_t at(int64_t bh, int64_t t) const { return ((bh / H) * T + t) * H * N + (bh % H) * N; }
+};
+
+template <int W>
+struct Lanes {
+    typedef float V __attribute__((vector_size(W * sizeof(float))));
+};
+
+// A row of N floats as K vectors of W lanes (GCC/Clang vector extensions: AVX-512, AVX2, NEON alike).
+template <int N>
+struct Row {
+    static constexpr int W = N < 16 ? N : 16, K = N / W;
+    using V = typename Lanes<W>::V;
+    static void load(V* x, const float* p) { std::memcpy(x, p, sizeof(V) * K); }
+    static void store(float* p, const V* x) { std::memcpy(p, x, sizeof(V) * K); }
+};
+
+// The sum of a vector's lanes, halving it in registers (__builtin_shufflevector: GCC >= 12, Clang).
+template <int W>
+inline float hsum(typename Lanes<W>::V x) {
+    if constexpr (W == 16) {
+        return hsum<8>(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                       __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+    } else if constexpr (W == 8) {
+        return hsum<4>(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
+    } else if constexpr (W == 4) {
+        return (x[0] + x[2]) + (x[1] + x[3]);
+    } else {
+        float s = 0.f;
+        for (int l = 0; l < W; ++l) s += x[l];
+        return s;
+    }
+}
+
+template <int N>
+inline float sum(typename Row<N>::V x) { return hsum<Row<N>::W>(x); }
+
+// ---------------------------------------------------------------- RWKV-7
+
+// One forward step: S <- S diag(w) + (S a) b^T + v k^T; y = S r (when y is given).
+template <int N>
+inline void step7(float* S, const float* w_, const float* k_, const float* v, const float* a_, const float* b_,
+                  const float* r_, float* y) {
+    using R = Row<N>;
+    using V = typename R::V;
+    constexpr int K = R::K;
+    V w[K], k[K], a[K], b[K], r[K];
+    R::load(w, w_), R::load(k, k_), R::load(a, a_), R::load(b, b_);
+    if (y != nullptr) R::load(r, r_);
+    for (int i = 0; i < N; ++i) {
+        V s[K];
+        R::load(s, S + i * N);
+        V acc = s[0] * a[0];
+        for (int q = 1; q < K; ++q) acc += s[q] * a[q];
+        const float sa = sum<N>(acc), vi = v[i];
+        for (int q = 0; q < K; ++q) s[q] = s[q] * w[q] + sa * b[q] + vi * k[q];
+        R::store(S + i * N, s);
+        if (y != nullptr) {
+            acc = s[0] * r[0];
+            for (int q = 1; q < K; ++q) acc += s[q] * r[q];
+            y[i] = sum<N>(acc);
+        }
+    }
+}
+
+template <int N>
+void forward7(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
+              const float* a, const float* b, const float* s0, float* y, float* s_out, float* ckpt) {
+    alignas(64) float S[N * N];
+    std::memcpy(S, s0 + bh * N * N, sizeof S);
+    const int64_t o = d.at(bh, 0), st = d.step();
+    for (int64_t t = 0; t < d.T; ++t) {
+        if (ckpt != nullptr && t % kChunk == 0) std::memcpy(ckpt + (bh * d.chunks() + t / kChunk) * N * N, S, sizeof S);
+        const int64_t x = o + t * st;
+        step7<N>(S, w + x, k + x, v + x, a + x, b + x, r + x, y + x);
+    }
+    std::memcpy(s_out + bh * N * N, S, sizeof S);
+}
+
+// Recomputes the states before each step of chunk c into S[0 .. t1 - t0) from the chunk's checkpoint.
+template <int N, typename Step>
+void recompute(const Dims& d, int64_t bh, int64_t c, const float* ckpt, float* S, Step step) {
+    const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
+    std::memcpy(S, ckpt + (bh * d.chunks() + c) * N * N, N * N * sizeof(float));
+    for (int64_t t = t0; t + 1 < t1; ++t, S += N * N) {
+        std::memcpy(S + N * N, S, N * N * sizeof(float));
+        step(S + N * N, d.at(bh, t));
+    }
+}
+
+// One backward step of RWKV-7: G (dS_t in, dS_{t-1} out), S = S_{t-1}; writes step t's input gradients.
+// First the row sums, row by row (G += gy r^T; G b, S a and G k); then the column sums one block of W keys at
+// a time over all rows, so that every accumulator stays in a register.
+template <int N>
+inline void back7(float* G, const float* S, const float* w_, const float* r_, const float* k_, const float* v,
+                  const float* a_, const float* b_, const float* gy, float* gr, float* gk, float* gv, float* gw,
+                  float* ga, float* gb) {
+    using R = Row<N>;
+    using V = typename R::V;
+    constexpr int K = R::K, W = R::W;
+    alignas(64) float Gb[N], Sa[N];
+    {
+        V r[K], k[K], a[K], b[K];
+        R::load(r, r_), R::load(k, k_), R::load(a, a_), R::load(b, b_);
+        for (int i = 0; i < N; ++i) {
+            V g[K], s[K], tb = {}, tk = {}, ta = {};
+            R::load(g, G + i * N), R::load(s, S + i * N);
+            for (int q = 0; q < K; ++q) {
+                g[q] += gy[i] * r[q];
+                tb += g[q] * b[q];
+                tk += g[q] * k[q];
+                ta += s[q] * a[q];
+            }
+            R::store(G + i * N, g);
+            Gb[i] = sum<N>(tb), Sa[i] = sum<N>(ta), gv[i] = sum<N>(tk);
+        }
+    }
+    float gy_sa = 0.f, gy_v = 0.f;
+    for (int i = 0; i < N; ++i) gy_sa += gy[i] * Sa[i], gy_v += gy[i] * v[i];
+    for (int q = 0; q < K; ++q) {
+        V w, a, gk_ = {}, gb_ = {}, gw_ = {}, ga_ = {}, gyS = {};
+        std::memcpy(&w, w_ + q * W, sizeof w), std::memcpy(&a, a_ + q * W, sizeof a);
+        for (int i = 0; i < N; ++i) {
+            V g, s;
+            std::memcpy(&g, G + i * N + q * W, sizeof g), std::memcpy(&s, S + i * N + q * W, sizeof s);
+            gk_ += v[i] * g;
+            gb_ += Sa[i] * g;
+            gw_ += g * s;
+            ga_ += Gb[i] * s;
+            gyS += gy[i] * s;
+            g = g * w + Gb[i] * a;
+            std::memcpy(G + i * N + q * W, &g, sizeof g);
+        }
+        V b, k;
+        std::memcpy(&b, b_ + q * W, sizeof b), std::memcpy(&k, k_ + q * W, sizeof k);
+        gyS = w * gyS + gy_sa * b + gy_v * k;
+        gw_ *= w;
+        std::memcpy(gr + q * W, &gyS, sizeof gyS), std::memcpy(gk + q * W, &gk_, sizeof gk_);
+        std::memcpy(gb + q * W, &gb_, sizeof gb_), std::memcpy(ga + q * W, &ga_, sizeof ga_);
+        std::memcpy(gw + q * W, &gw_, sizeof gw_);
+    }
+}
+
+template <int N>
+void backward7(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
+               const float* a, const float* b, const float* ckpt, const float* gy, const float* gs_out, float* gr,
+               float* gk, float* gv, float* gw, float* ga, float* gb, float* gs0) {
+    alignas(64) float G[N * N];
+    std::vector<float> states(static_cast<size_t>(kChunk) * N * N);  // S_{t-1} for each step of a chunk
+    std::memcpy(G, gs_out + bh * N * N, sizeof G);
+    const auto step = [&](float* S, int64_t x) { step7<N>(S, w + x, k + x, v + x, a + x, b + x, nullptr, nullptr); };
+    for (int64_t c = d.chunks() - 1; c >= 0; --c) {
+        recompute<N>(d, bh, c, ckpt, states.data(), step);
+        const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+            const int64_t x = d.at(bh, t);
+            back7<N>(G, states.data() + (t - t0) * N * N, w + x, r + x, k + x, v + x, a + x, b + x, gy + x,
+                     gr + x, gk + x, gv + x, gw + x, ga + x, gb + x);
+        }
+    }
+    std::memcpy(gs0 + bh * N * N, G, sizeof G);
+}
+
+// ---------------------------------------------------------------- RWKV-5.2 / 6
+
+// One forward step: y = S r + v (u . k . r) (when y is given); S <- S diag(w) + v k^T.
+template <int N>
+inline void step5(float* S, const float* w_, const float* k_, const float* v, const float* u_, const float* r_,
+                  float* y) {
+    using R = Row<N>;
+    using V = typename R::V;
+    constexpr int K = R::K;
+    V w[K], k[K], r[K], u[K];
+    R::load(w, w_), R::load(k, k_), R::load(r, r_), R::load(u, u_);
+    V ukr = {};
+    for (int q = 0; q < K; ++q) ukr += u[q] * k[q] * r[q];
+    const float bonus = sum<N>(ukr);
+    for (int i = 0; i < N; ++i) {
+        V s[K], acc = {};
+        R::load(s, S + i * N);
+        const float vi = v[i];
+        for (int q = 0; q < K; ++q) {
+            acc += s[q] * r[q];
+            s[q] = s[q] * w[q] + vi * k[q];
+        }
+        R::store(S + i * N, s);
+        if (y != nullptr) y[i] = sum<N>(acc) + vi * bonus;
+    }
+}
+
+template <int N>
+void forward5(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
+              const float* u, const float* s0, float* y, float* s_out, float* ckpt) {
+    alignas(64) float S[N * N];
+    std::memcpy(S, s0 + bh * N * N, sizeof S);
+    const int64_t o = d.at(bh, 0), st = d.step();
+    const float* uh = u + (bh % d.H) * N;
+    for (int64_t t = 0; t < d.T; ++t) {
+        if (ckpt != nullptr && t % kChunk == 0) std::memcpy(ckpt + (bh * d.chunks() + t / kChunk) * N * N, S, sizeof S);
+        const int64_t x = o + t * st;
+        step5<N>(S, w + x, k + x, v + x, uh, r + x, y + x);
+    }
+    std::memcpy(s_out + bh * N * N, S, sizeof S);
+}
+
+// One backward step of RWKV-5.2 / 6: G (dS_t in, dS_{t-1} out), S = S_{t-1}.
+template <int N>
+inline void back5(float* G, const float* S, const float* w_, const float* r_, const float* k_, const float* v,
+                  const float* u_, const float* gy, float* gr, float* gk, float* gv, float* gw) {
+    using R = Row<N>;
+    using V = typename R::V;
+    constexpr int K = R::K;
+    V w[K], r[K], k[K], u[K];
+    R::load(w, w_), R::load(r, r_), R::load(k, k_), R::load(u, u_);
+    V ukr = {};
+    for (int q = 0; q < K; ++q) ukr += u[q] * k[q] * r[q];
+    const float bonus = sum<N>(ukr);
+    V gk_[K] = {}, gw_[K] = {}, gyS[K] = {};
+    float gy_v = 0.f;
+    for (int i = 0; i < N; ++i) {
+        V g[K], s[K], tk = {};
+        R::load(g, G + i * N), R::load(s, S + i * N);
+        const float gyi = gy[i], vi = v[i];
+        for (int q = 0; q < K; ++q) {
+            tk += g[q] * k[q];
+            gk_[q] += vi * g[q];
+            gw_[q] += g[q] * s[q];
+            gyS[q] += gyi * s[q];
+            g[q] = g[q] * w[q] + gyi * r[q];
+        }
+        R::store(G + i * N, g);
+        gv[i] = sum<N>(tk) + gyi * bonus;
+        gy_v += gyi * vi;
+    }
+    for (int q = 0; q < K; ++q) {
+        gyS[q] += gy_v * u[q] * k[q];
+        gk_[q] += gy_v * u[q] * r[q];
+        gw_[q] *= w[q];
+    }
+    R::store(gr, gyS), R::store(gk, gk_), R::store(gw, gw_);
+}
+
+template <int N>
+void backward5(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
+               const float* u, const float* ckpt, const float* gy, const float* gs_out, float* gr, float* gk,
+               float* gv, float* gw, float* gs0) {
+    alignas(64) float G[N * N];
+    std::vector<float> states(static_cast<size_t>(kChunk) * N * N);
+    std::memcpy(G, gs_out + bh * N * N, sizeof G);
+    const float* uh = u + (bh % d.H) * N;
+    const auto step = [&](float* S, int64_t x) { step5<N>(S, w + x, k + x, v + x, uh, r + x, nullptr); };
+    for (int64_t c = d.chunks() - 1; c >= 0; --c) {
+        recompute<N>(d, bh, c, ckpt, states.data(), step);
+        const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+            const int64_t x = d.at(bh, t);
+            back5<N>(G, states.data() + (t - t0) * N * N, w + x, r + x, k + x, v + x, uh, gy + x, gr + x, gk + x,
+                     gv + x, gw + x);
+        }
+    }
+    std::memcpy(gs0 + bh * N * N, G, sizeof G);
+}
+
+// ---------------------------------------------------------------- the binding
+
+Dims check(const std::vector<at::Tensor>& xs, const at::Tensor& state) {
+    const auto& r = xs[0];
+    TORCH_CHECK(r.dim() == 4, "wkv_cpu: inputs must be [B, T, H, N], got ", r.sizes());
+    for (const auto& x : xs) {
+        TORCH_CHECK(!x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+                    "wkv_cpu: inputs must be contiguous float32 CPU tensors");
+        TORCH_CHECK(x.sizes() == r.sizes(), "wkv_cpu: input shapes differ: ", x.sizes(), " vs ", r.sizes());
+    }
+    const Dims d{r.size(0), r.size(1), r.size(2), r.size(3)};
+    TORCH_CHECK(d.N == 8 || d.N == 16 || d.N == 32 || d.N == 64, "wkv_cpu: head size must be 8, 16, 32 or 64");
+    TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.dim() == 4 &&
+                    state.size(0) == d.B && state.size(1) == d.H && state.size(2) == d.N && state.size(3) == d.N,
+                "wkv_cpu: state must be contiguous float32 [B, H, N, N], got ", state.sizes());
+    return d;
+}
+
+// Runs body<N>(bh) for every (batch, head), spread over torch's intra-op threads.
+template <template <int> class Body, typename... Args>
+void for_heads(const Dims& d, Args&&... args) {
+    at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+            switch (d.N) {
+                case 8: Body<8>::run(d, bh, args...); break;
+                case 16: Body<16>::run(d, bh, args...); break;
+                case 32: Body<32>::run(d, bh, args...); break;
+                default: Body<64>::run(d, bh, args...); break;
+            }
+        }
+    });
+}
+
+template <int N> struct Fwd7 { template <typename... A> static void run(const Dims& d, int64_t bh, A... a) { forward7<N>(d, bh, a...); } };
+template <int N> struct Bwd7 { template <typename... A> static void run(const Dims& d, int64_t bh, A... a) { backward7<N>(d, bh, a...); } };
+template <int N> struct Fwd5 { template <typename... A> static void run(const Dims& d, int64_t bh, A... a) { forward5<N>(d, bh, a...); } };
+template <int N> struct Bwd5 { template <typename... A> static void run(const Dims& d, int64_t bh, A... a) { backward5<N>(d, bh, a...); } };
+
+const float* p(const at::Tensor& x) { return x.data_ptr<float>(); }
+float* p(at::Tensor& x) { return x.data_ptr<float>(); }
+
+// Returns y, the final state, and (keep) the checkpoints for backward.
+std::vector<at::Tensor> wkv7_forward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor log_w, at::Tensor a,
+                                     at::Tensor b, at::Tensor s0, bool keep) {
+    const Dims d = check({r, k, v, log_w, a, b}, s0);
+    auto y = at::empty_like(r), s_out = at::empty_like(s0), w = log_w.exp();
+    auto ckpt = keep ? at::empty({d.B * d.H, d.chunks(), d.N, d.N}, s0.options()) : at::empty({0}, s0.options());
+    for_heads<Fwd7>(d, p(r), p(k), p(v), p(w), p(a), p(b), p(s0), p(y), p(s_out), keep ? p(ckpt) : nullptr);
+    return {y, s_out, ckpt};
+}
+
+// Returns the gradients to r, k, v, log_w, a, b and the initial state.
+std::vector<at::Tensor> wkv7_backward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor log_w, at::Tensor a,
+                                      at::Tensor b, at::Tensor ckpt, at::Tensor gy, at::Tensor gs) {
+    const Dims d = check({r, k, v, log_w, a, b, gy}, gs);
+    TORCH_CHECK(ckpt.numel() == d.B * d.H * d.chunks() * d.N * d.N, "wkv_cpu: checkpoints of the wrong size");
+    auto gr = at::empty_like(r), gk = at::empty_like(r), gv = at::empty_like(r), gw = at::empty_like(r);
+    auto ga = at::empty_like(r), gb = at::empty_like(r), gs0 = at::empty_like(gs), w = log_w.exp();
+    for_heads<Bwd7>(d, p(r), p(k), p(v), p(w), p(a), p(b), p(ckpt), p(gy), p(gs), p(gr), p(gk), p(gv), p(gw),
+                    p(ga), p(gb), p(gs0));
+    return {gr, gk, gv, gw, ga, gb, gs0};
+}
+
+std::vector<at::Tensor> wkv5_forward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor log_w, at::Tensor u,
+                                     at::Tensor s0, bool keep) {
+    const Dims d = check({r, k, v, log_w}, s0);
+    TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.numel() == d.H * d.N,
+                "wkv_cpu: u must be contiguous float32 [H, N]");
+    auto y = at::empty_like(r), s_out = at::empty_like(s0), w = log_w.exp();
+    auto ckpt = keep ? at::empty({d.B * d.H, d.chunks(), d.N, d.N}, s0.options()) : at::empty({0}, s0.options());
+    for_heads<Fwd5>(d, p(r), p(k), p(v), p(w), p(u), p(s0), p(y), p(s_out), keep ? p(ckpt) : nullptr);
+    return {y, s_out, ckpt};
+}
+
+// Returns the gradients to r, k, v, log_w and the initial state (u's is summed by the caller).
+std::vector<at::Tensor> wkv5_backward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor log_w, at::Tensor u,
+                                      at::Tensor ckpt, at::Tensor gy, at::Tensor gs) {
+    const Dims d = check({r, k, v, log_w, gy}, gs);
+    TORCH_CHECK(ckpt.numel() == d.B * d.H * d.chunks() * d.N * d.N, "wkv_cpu: checkpoints of the wrong size");
+    TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.numel() == d.H * d.N,
+                "wkv_cpu: u must be contiguous float32 [H, N]");
+    auto gr = at::empty_like(r), gk = at::empty_like(r), gv = at::empty_like(r), gw = at::empty_like(r);
+    auto gs0 = at::empty_like(gs), w = log_w.exp();
+    for_heads<Bwd5>(d, p(r), p(k), p(v), p(w), p(u), p(ckpt), p(gy), p(gs), p(gr), p(gk), p(gv), p(gw), p(gs0));
+    return {gr, gk, gv, gw, gs0};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("wkv7_forward", &wkv7_forward);
+    m.def("wkv7_backward", &wkv7_backward);
+    m.def("wkv5_forward", &wkv5_forward);
+    m.def("wkv5_backward", &wkv5_backward);
+}
