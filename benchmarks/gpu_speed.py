@@ -86,7 +86,7 @@ def one_config(path: str, config: str, ctx: int, steps: int) -> dict:
         from rwkv_state_hub.wkv import cuda
 
         if cuda.load() is None:
-            return {"skipped": str(cuda.EXTENSION.reason)}
+            return {"skipped": str(cuda.LIBRARY.reason)}
         wkv.set_backend("cuda")
     if config == "fla":
         try:

@@ -1,4 +1,4 @@
-"""One layer's WKV on the CPU: the plain reference loop against the chunked form, forward + backward.
+"""One layer's WKV on the CPU: the plain reference loop against the chunked form and the C++ kernels, fwd + bwd.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/wkv_speed.py --arch v7 [--B 1 --T 512 --H 12 --N 64 --runs 7]
 
@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rwkv_state_hub.wkv import reference
+from rwkv_state_hub.wkv import cpu, reference
 from rwkv_state_hub.wkv.chunked5 import wkv5_chunked
 from rwkv_state_hub.wkv.chunked7 import wkv7_fast
 
@@ -92,14 +92,14 @@ def main() -> None:
     print(f"{'method':<26}{'wall ms':>9}{'cpu ms':>9}{'speed-up':>10}{'max|dy|':>12}{'max|dS_T|':>12}"
           f"{'max|dgrad_s0|':>15}{'max rel dgrad (all)':>21}")
     print(f"{'reference loop':<26}{t_ref:>9.1f}{c_ref:>9.1f}{1.0:>9.2f}x{'-':>12}{'-':>12}{'-':>15}{'-':>21}")
-    for c in args.chunks:
-        def fn(*a, c=c):
-            return fast(*a, chunk=c)
-
+    methods = {f"{name} chunk={c}": (lambda *a, c=c: fast(*a, chunk=c)) for c in args.chunks}
+    if cpu.load() is not None:
+        methods["CPU kernel (wkv_cpu.cpp)"] = cpu.wkv7 if v7 else cpu.wkv5
+    for label, fn in methods.items():
         y, s, gr = fwd_bwd(fn, xs, gy, gs)
         t, ct = median_ms(fn, xs, gy, gs, args.runs)
         rel = max(((g1 - g0).abs().max() / g0.abs().max()).item() for g0, g1 in zip(g_ref, gr, strict=True))
-        print(f"{f'{name} chunk={c}':<26}{t:>9.1f}{ct:>9.1f}{t_ref / t:>9.2f}x"
+        print(f"{label:<26}{t:>9.1f}{ct:>9.1f}{t_ref / t:>9.2f}x"
               f"{(y - y_ref).abs().max().item():>12.2e}{(s - s_ref).abs().max().item():>12.2e}"
               f"{(gr[-1] - g_ref[-1]).abs().max().item():>15.2e}{rel:>21.2e}")
     print(f"(scale: max|y| {y_ref.abs().max().item():.3g}, max|S_T| {s_ref.abs().max().item():.3g}, "

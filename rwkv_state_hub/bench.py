@@ -9,9 +9,9 @@ process (so its peak RSS is its own) and does whole training steps (forward, los
 state, Adam on the state):
     naive      the reference WKV loop with every weight requiring a gradient, fp32, full logits: what
                training code that does not special-case frozen weights costs
-    torch-fp32 the trainer's step with the WKV in chunked torch (the path before the CPU kernels, and
-    torch-bf16 the fallback where they cannot be built): frozen weights, head and loss without logits
-    fp32       the trainer's step: the WKV in the C++ CPU kernels (wkv/csrc/wkv_cpu.cpp)
+    torch-fp32 the trainer's step with no C++ kernel: the WKV in chunked torch and the bf16 head's loss in torch
+    torch-bf16 (the path before the CPU kernels, and the fallback where they cannot be built)
+    fp32       the trainer's step: the WKV and the bf16 head's loss in the C++ CPU kernels (wkv/csrc/)
     bf16       the same with bf16 weights (the official checkpoints are bf16; the state maths stays fp32)
     lean-fp32  fp32 under a memory budget of "weights + 1 GiB", as `--memory-budget` does it: as many
     lean-bf16  layers' activations recomputed in the backward pass as the budget needs (model/memory.py)
@@ -61,6 +61,10 @@ def one_config(path: str, config: str, ctx: int, steps: int) -> dict:
     from .training.step import new_learned, train_step
 
     os.environ["RWKV_STATE_HUB_WKV"] = {"naive": "reference", "torch": "chunked"}.get(config.split("-")[0], "cpu")
+    if config.startswith("torch"):
+        from .wkv import cpu
+
+        cpu.turn_off("the torch-* configurations")
     dtype = torch.bfloat16 if config.endswith("bf16") else torch.float32
     model = load_model(path, dtype=dtype)
     weights_bytes = model.spec.n_params * dtype.itemsize
@@ -145,17 +149,17 @@ def run(archs: list[str], ctx: int = 512, steps: int = 3, configs: list[str] | N
 
 
 def kernel_build_line() -> str:
-    """Builds (or loads the cached) CPU WKV kernels here, before any timing, and says how long that took."""
+    """Builds (or loads the cached) CPU kernels here, before any timing, and says how long that took."""
     from .wkv import cpu
 
     t0 = time.perf_counter()
     module = cpu.load()
     seconds = time.perf_counter() - t0
     if module is None:
-        return "CPU WKV kernels: not available here (the kernel configurations run the torch path)"
-    if cpu.EXTENSION.compile_seconds is None:
-        return f"CPU WKV kernels: a cached build, loaded in {seconds:.1f} s"
-    return f"CPU WKV kernels: compiled in {cpu.EXTENSION.compile_seconds:.1f} s (first use; cached after)"
+        return "CPU kernels: not available here (the kernel configurations run the torch path)"
+    if cpu.LIBRARY.compile_seconds is None:
+        return f"CPU kernels: a cached build, loaded in {seconds:.1f} s"
+    return f"CPU kernels: compiled in {cpu.LIBRARY.compile_seconds:.1f} s (first use; cached after)"
 
 
 def main(argv: list[str] | None = None) -> None:

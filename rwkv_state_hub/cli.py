@@ -573,7 +573,7 @@ def search(model, sha256, limit, as_json, token, endpoint) -> None:
 @click.option("--arch", default="v7,v6", show_default=True, help="Comma-separated: v5.2, v6, v7.")
 @click.option("--ctx", type=COUNT, default=512, show_default=True, help="Tokens per step (micro-batch 1).")
 @click.option("--steps", type=COUNT, default=3, show_default=True, help="Timed steps per configuration.")
-@click.option("--configs", default="naive,fp32,bf16,lean-fp32,lean-bf16", show_default=True,
+@click.option("--configs", default="naive,torch-fp32,fp32,torch-bf16,bf16,lean-fp32,lean-bf16", show_default=True,
               help="Comma-separated configurations to run.")
 def bench(arch, ctx, steps, configs) -> None:
     """State-tuning speed and peak memory on this CPU against a naive baseline (benchmarks/train_speed.py)."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model.quant import QuantizedLinear
+from .wkv import cpu as cpu_kernels
 
 HEAD_CHUNK_BYTES = 32 << 20  # fp32 logits alive at once (512 positions of a 16k vocab, 128 of a 65k one)
 # a quantized head dequantizes all its rows for each chunk of positions (twice with a gradient): 4x the positions
@@ -28,7 +29,9 @@ Head = Tensor | QuantizedLinear  # a frozen head's weight [V, C], or the head it
 # the head's rows as both keys and values. torch's CPU flash-attention kernel works it out with the log-sum-exp a
 # block of the vocabulary at a time, reading each block of the head once for both products and never holding a row
 # of logits: 1.5x the chunked logits' speed at the 0.1B shape on 2 cores (a 200 MB head is read once per chunk of
-# positions there, twice with the gradient). bf16 and quantized heads keep the chunked logits (faster for them).
+# positions there, twice with the gradient). bf16 and quantized heads keep the chunked logits (faster for them); a
+# bf16 one's are turned into their gradient by the C++ CPU kernel (wkv/csrc/xent_cpu.cpp: three passes over the bf16
+# logits where torch makes eight over an fp32 copy) where it is built.
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -67,6 +70,12 @@ def _back(g: Tensor, head: Head) -> Tensor:
     return head.matmul_t(g) if isinstance(head, QuantizedLinear) else (g.to(head.dtype) @ head).to(g.dtype)
 
 
+def _fused_bf16(head: Head) -> bool:
+    """Whether the cross-entropy through this head runs in the C++ CPU kernel (a bf16 CPU head, kernels built)."""
+    return (isinstance(head, Tensor) and head.dtype == torch.bfloat16 and head.device.type == "cpu"
+            and cpu_kernels.load() is not None)
+
+
 def _flash_fits(flat: Tensor, head: Head) -> bool:
     return (isinstance(head, Tensor) and head.device.type == "cpu" and head.dtype == flat.dtype
             and _flash_for(head.dtype, quantized=False))
@@ -90,6 +99,11 @@ def _chunked_loss(flat: Tensor, head: Head, targets: Tensor, weight: Tensor,
     rows = _chunk_rows(head)
     for s in range(0, flat.shape[0], rows):
         h, t, wt = flat[s : s + rows], targets[s : s + rows, None], weight[s : s + rows, None]
+        if want_grad and _fused_bf16(head):  # the C++ kernel: from the bf16 logits to their bf16 gradient
+            logits = F.linear(h.to(head.dtype), head)
+            nll[s : s + rows] = cpu_kernels.xent_bf16_(logits, t[:, 0], wt[:, 0])
+            grad[s : s + rows] = (logits @ head).to(grad.dtype)
+            continue
         logits = _logits(h, head)                                         # [rows, V]
         picked = logits.gather(1, t)
         if grad is None:

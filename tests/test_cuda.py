@@ -439,7 +439,7 @@ def test_the_binding_refuses_what_the_kernels_cannot_take(emulated):
 @pytest.fixture
 def fresh_loader(monkeypatch):
     """The loader as on first use: nothing loaded, nothing said yet."""
-    monkeypatch.setattr(cuda, "EXTENSION", dataclasses.replace(cuda.EXTENSION))
+    monkeypatch.setattr(cuda, "LIBRARY", dataclasses.replace(cuda.LIBRARY))
 
 
 def test_without_a_gpu_the_loader_says_why_once_and_falls_back(fresh_loader, monkeypatch, capsys):
@@ -465,7 +465,7 @@ def test_a_failed_build_is_one_line_and_falls_back(fresh_loader, monkeypatch, ca
     def broken_build():
         raise RuntimeError("Error building extension 'rwkv_state_hub_wkv'\nnvcc fatal: something")
 
-    monkeypatch.setattr(cuda.EXTENSION, "build", broken_build)
+    monkeypatch.setattr(cuda.LIBRARY, "build", broken_build)
     assert cuda.load() is None and cuda.load() is None
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("rwkv-state-hub: CUDA WKV kernels not used (the build in ")
@@ -474,7 +474,7 @@ def test_a_failed_build_is_one_line_and_falls_back(fresh_loader, monkeypatch, ca
 
 def test_cpu_tensors_head_sizes_and_dtypes_the_kernels_lack_fall_back(fresh_loader, monkeypatch, capsys):
     """With the extension loaded, inputs it cannot take still run (on the torch path), each reason said once."""
-    monkeypatch.setattr(cuda.EXTENSION, "module", object())
+    monkeypatch.setattr(cuda.LIBRARY, "module", object())
     xs = {n: x.float() for n, x in inputs5(1, 3, 1, 16).items()}
     for _ in range(2):
         torch.testing.assert_close(cuda.wkv5(**xs)[0], wkv5_chunked(**xs)[0])
@@ -484,15 +484,15 @@ def test_cpu_tensors_head_sizes_and_dtypes_the_kernels_lack_fall_back(fresh_load
 
 def test_the_build_folder_follows_the_sources_and_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    for ext in (cuda.EXTENSION, cpu.EXTENSION):
+    for ext in (cuda.LIBRARY, cpu.LIBRARY):
         folder = ext.build_dir()
         assert folder.parent == tmp_path / "ext" and folder.name.startswith(f"{ext.name}-") and "+" not in folder.name
         assert ext.build_dir() == folder  # stable: the cached build is found again
         monkeypatch.setattr(ext, "source_dir", tmp_path)  # other sources, another folder
         assert ext.build_dir() != folder
-    assert cuda.EXTENSION.build_dir() != cpu.EXTENSION.build_dir()
+    assert cuda.LIBRARY.build_dir() != cpu.LIBRARY.build_dir()
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    assert str(cuda.EXTENSION.build_dir()).startswith(os.environ["RWKV_STATE_HUB_CACHE"])
+    assert str(cuda.LIBRARY.build_dir()).startswith(os.environ["RWKV_STATE_HUB_CACHE"])
 
 
 def test_the_backend_is_chosen_by_name_and_cuda_only_when_asked(fresh_loader, monkeypatch, capsys):
@@ -550,7 +550,7 @@ def test_cli_offers_the_kernel_option():
 def kernels_or_fail():
     """On a GPU the kernels must build: a fallback here would compare the torch path with itself."""
     module = cuda.load()
-    assert module is not None, f"CUDA kernels unavailable on a GPU machine: {cuda.EXTENSION.reason}"
+    assert module is not None, f"CUDA kernels unavailable on a GPU machine: {cuda.LIBRARY.reason}"
     return module
 
 

@@ -27,16 +27,23 @@ def full_logits_loss(hidden, head, targets, weight):
     return (F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weight).sum()
 
 
-@pytest.mark.parametrize(("dtype", "flash"), [(torch.float32, True), (torch.float32, False), (torch.bfloat16, False)])
-def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype, flash):
-    """Both ways through the head: flash attention (fp32, training) and chunked logits (every head; forced here
-    for fp32 by taking the kernel away)."""
+@pytest.mark.parametrize(("dtype", "way"), [(torch.float32, "flash"), (torch.float32, "chunked"),
+                                           (torch.bfloat16, "chunked"), (torch.bfloat16, "fused")])
+def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype, way):
+    """Every way through the head: flash attention (fp32, training), the C++ kernel from bf16 logits to their
+    gradient (bf16, training), and chunked logits (every head; forced here by taking the others away)."""
     monkeypatch.setattr(loss_module, "HEAD_CHUNK_BYTES", 16 * 500 * 4)  # 16 rows a chunk: 38 chunks, the last short
     calls = []
-    kernel = loss_module._FLASH
-    if flash:
+    kernel, fused = loss_module._FLASH, loss_module.cpu_kernels.xent_bf16_
+    if way == "flash":
         assert kernel is not None, "torch's CPU flash-attention kernel is missing: the fp32 head runs chunked"
-    monkeypatch.setattr(loss_module, "_FLASH", (lambda *a, **k: calls.append(1) or kernel(*a, **k)) if flash else None)
+    if way == "fused":
+        assert loss_module.cpu_kernels.load() is not None, "the CPU kernels did not build: the bf16 head runs chunked"
+    monkeypatch.setattr(loss_module, "_FLASH", (lambda *a, **k: calls.append(1) or kernel(*a, **k))
+                        if way == "flash" else None)
+    monkeypatch.setattr(loss_module.cpu_kernels, "xent_bf16_", lambda *a: calls.append(1) or fused(*a))
+    if way != "fused":
+        monkeypatch.setattr(loss_module, "_fused_bf16", lambda head: False)
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(48, 500, bias=False).requires_grad_(False)
     head.weight.data = (torch.randn(500, 48, generator=g) / 7).to(dtype)
@@ -49,7 +56,7 @@ def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype, flash):
     (g_ours,) = torch.autograd.grad(ours * 0.37, hidden)
     ref = full_logits_loss(hidden, head.weight, targets, weight)
     (g_ref,) = torch.autograd.grad(ref * 0.37, hidden)
-    assert len(calls) == flash  # the way named ran
+    assert bool(calls) == (way != "chunked")  # the way named ran
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     assert g_ours[1, 250:].abs().max() == 0  # nothing flows from padding
     if dtype == torch.float32:

@@ -45,7 +45,7 @@ def test_package_data_names_every_data_file_in_the_package():
             and "__pycache__" not in p.parts}
     assert data - package_data_files() == set(), "add these to [tool.setuptools.package-data] in pyproject.toml"
     names = {p.name for p in data}
-    assert set(cuda.SOURCES + cuda.HEADERS + cpu.EXTENSION.sources) <= names and DEFAULT_MODEL in names
+    assert set(cuda.SOURCES + cuda.HEADERS + cpu.LIBRARY.sources) <= names and DEFAULT_MODEL in names
     bundled = {p.name for p in example_states().iterdir()}
     assert bundled >= {"weather.safetensors", "devils-dictionary.safetensors", "README.md"}
 
@@ -54,9 +54,9 @@ def test_the_loader_finds_its_sources_inside_the_package_and_says_first_when_the
     assert cuda.SOURCE_DIR.parent == PACKAGE / "wkv"
     assert all((cuda.SOURCE_DIR / name).is_file() for name in cuda.SOURCES + cuda.HEADERS)
     for kernels in (cuda, cpu):  # a broken install, on any machine
-        monkeypatch.setattr(kernels.EXTENSION, "source_dir", PACKAGE / "no-such-folder")
+        monkeypatch.setattr(kernels.LIBRARY, "source_dir", PACKAGE / "no-such-folder")
         reason = kernels.unavailable_reason()
-        assert reason == f"kernel sources not found ({PACKAGE / 'no-such-folder' / kernels.EXTENSION.sources[0]}; " \
+        assert reason == f"kernel sources not found ({PACKAGE / 'no-such-folder' / kernels.LIBRARY.sources[0]}; " \
                          "reinstall rwkv-state-hub)"
 
 
@@ -154,7 +154,7 @@ def wait_for_page(url: str, proc: subprocess.Popen, timeout: float) -> str:
 def test_the_wheel_installs_and_works_from_any_folder(tmp_path):
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f"rwkv_state_hub/wkv/csrc/{n}" for n in cuda.SOURCES + cuda.HEADERS + cpu.EXTENSION.sources} <= set(names)
+    assert {f"rwkv_state_hub/wkv/csrc/{n}" for n in cuda.SOURCES + cuda.HEADERS + cpu.LIBRARY.sources} <= set(names)
     assert {f"rwkv_state_hub/examples/models/{DEFAULT_MODEL}", "rwkv_state_hub/plugins/ai00/ai00.py",
             "rwkv_state_hub/examples/states/weather.safetensors"} <= set(names)
     assert wheel.stat().st_size < 32 << 20, f"{wheel.name}: {wheel.stat().st_size:,} bytes"

@@ -21,7 +21,7 @@ from rwkv_state_hub.wkv.chunked7 import wkv7_fast
 def kernels():
     """The kernels must build on this machine (CI's included): a fallback here would test the torch path."""
     module = cpu.load()
-    assert module is not None, f"the CPU WKV kernels did not build: {cpu.EXTENSION.reason}"
+    assert module is not None, f"the CPU WKV kernels did not build: {cpu.LIBRARY.reason}"
     return module
 
 
@@ -149,7 +149,7 @@ def test_the_default_backend_is_the_kernel_on_cpu_tensors(kernels, monkeypatch):
 @pytest.fixture
 def fresh_loader(monkeypatch):
     """The loader as on first use: nothing loaded, nothing said yet."""
-    monkeypatch.setattr(cpu, "EXTENSION", dataclasses.replace(cpu.EXTENSION))
+    monkeypatch.setattr(cpu, "LIBRARY", dataclasses.replace(cpu.LIBRARY))
 
 
 def test_no_build_means_one_line_and_the_torch_path(fresh_loader, monkeypatch, capsys):
@@ -162,20 +162,20 @@ def test_no_build_means_one_line_and_the_torch_path(fresh_loader, monkeypatch, c
     x5 = [x.float().detach() for x in make_inputs(1, 9, 64)]
     assert torch.equal(cpu.wkv5(*x5)[0], wkv5_chunked(*x5)[0])
     assert capsys.readouterr().err.splitlines() == [
-        "rwkv-state-hub: CPU WKV kernels not used (no C++ compiler found (set CXX or install g++)); "
+        "rwkv-state-hub: CPU kernels not used (no C++ compiler found (set CXX or install g++)); "
         "using the torch path"]
 
 
 def test_a_failed_build_is_one_line_and_falls_back(fresh_loader, monkeypatch, capsys):
     def broken_build():
-        raise RuntimeError("Error building extension 'rwkv_state_hub_wkv_cpu'\nc++: fatal error")
+        raise RuntimeError("Error building extension 'rwkv_state_hub_cpu'\nc++: fatal error")
 
-    monkeypatch.setattr(cpu.EXTENSION, "build", broken_build)
+    monkeypatch.setattr(cpu.LIBRARY, "build", broken_build)
     monkeypatch.setattr(cpu, "unavailable_reason", lambda: None)
     assert cpu.load() is None and cpu.load() is None
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("rwkv-state-hub: CPU WKV kernels not used (the build in ")
-    assert "failed: RuntimeError: Error building extension 'rwkv_state_hub_wkv_cpu'); using the torch path" in line
+    assert line.startswith("rwkv-state-hub: CPU kernels not used (the build in ")
+    assert "failed: RuntimeError: Error building extension 'rwkv_state_hub_cpu'); using the torch path" in line
 
 
 def test_head_sizes_the_kernels_lack_run_the_torch_path(kernels, capsys):
@@ -184,17 +184,11 @@ def test_head_sizes_the_kernels_lack_run_the_torch_path(kernels, capsys):
     assert "head size 12" in capsys.readouterr().err
 
 
-def test_the_kernels_refuse_inputs_they_cannot_read(kernels):
-    r = torch.randn(1, 4, 1, 16)
-    s = torch.zeros(1, 1, 16, 16)
-    with pytest.raises(RuntimeError, match="state must be contiguous float32"):
-        kernels.wkv7_forward(r, r, r, r, r, r, torch.zeros(1, 1, 8, 8), False)
-    with pytest.raises(RuntimeError, match="input shapes differ"):
-        kernels.wkv7_forward(r, r, r, r, r, torch.randn(1, 5, 1, 16), s, False)
-    with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors"):
-        kernels.wkv7_forward(r.double(), r, r, r, r, r, s, False)
-    with pytest.raises(RuntimeError, match="checkpoints of the wrong size"):
-        kernels.wkv7_backward(r, r, r, r, r, r, torch.zeros(3), r, s)
+def test_a_head_size_the_library_lacks_is_refused_not_misread(kernels):
+    r = torch.randn(1, 4, 1, 12)
+    s = torch.zeros(1, 1, 12, 12)
+    with pytest.raises(ValueError, match="head size 12 is not built"):
+        cpu._call(kernels.wkv7_forward, r, r, r, r, r, r, r, s, torch.empty_like(r), torch.empty_like(s), None)
 
 
 def test_float64_runs_the_exact_torch_path(fresh_loader, capsys):
@@ -203,3 +197,17 @@ def test_float64_runs_the_exact_torch_path(fresh_loader, capsys):
     y, _ = cpu.wkv7(*xs)
     assert y.dtype == torch.float64 and torch.equal(y, wkv7_fast(*xs)[0])
     assert "float64 inputs" in capsys.readouterr().err
+
+
+def test_a_compiler_that_fails_or_is_missing_is_one_line_and_leaves_no_library(fresh_loader, monkeypatch, tmp_path,
+                                                                                capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # runs, and fails
+    assert cpu.load() is None
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("rwkv-state-hub: CPU kernels not used (the build in ")
+    assert "false -O3 ... exited with 1" in line
+    assert not list(tmp_path.rglob("*.so"))  # compiled aside and renamed: nothing half-written is ever loaded
+    monkeypatch.setattr(cpu, "LIBRARY", dataclasses.replace(cpu.LIBRARY))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert cpu.unavailable_reason() == "no C++ compiler 'no-such-compiler' found (install g++ or set CXX)"

@@ -17,11 +17,13 @@ import re
 
 import torch
 
+from .. import wkv
 from ..checkpoint import ModelSpec
 from ..errors import InvalidOptionError, option
 from ..loss import training_logits_bytes
 from ..model import RWKV, memory
 from ..model.quant import SCRATCH_BYTES
+from ..wkv import cpu as wkv_cpu
 from .config import TrainConfig
 
 GIB = 2**30
@@ -35,7 +37,10 @@ LOAD_EXTRA = 96 << 20
 # the least a refusal names is this much above the least it found: this process's RSS before loading varies by a
 # few MiB between runs, and a run at the named least must not be refused in turn
 NAMED_SPREAD = 16 << 20
-ACT_FLOATS = 52  # floats per channel, layer and token a block saves for its backward (measured, v6 and v7)
+# floats per channel, layer and token a block saves for its backward (measured on L12 D768 RWKV-7, the most of
+# v5.2, v6 and v7): 26.6 with the CPU WKV kernels (they keep their inputs and a state every 16 steps), 51.8 with the
+# chunked torch WKV (it keeps its intermediates)
+ACT_FLOATS = {"kernels": 28, "torch": 52}
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5625}  # bytes per weight with the scales (model/quant.py)
 _LINEAR = re.compile(r"^(head|blocks\.\d+\.(att|ffn)\.(receptance|key|value|output|gate))\.weight$")
 
@@ -73,12 +78,17 @@ def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.
     recomputed, in the time chunk and with the boundary states that need least); then RUN_SLACK. budget.plan's
     estimate after loading stays below it, so a budget this allows is not refused later."""
     logits = training_logits_bytes(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, cfg.quant is not None)
-    per_token = ACT_FLOATS * spec.n_embd * 4
+    per_token = ACT_FLOATS["kernels" if _cpu_kernels(cfg) else "torch"] * spec.n_embd * 4
     step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, per_token, logits, all_up_to)
                for chunk, all_up_to in memory.step_ways(cfg.ctx_len, cfg.time_chunk))
     scratch = SCRATCH_BYTES if cfg.quant else 0
     loaded = memory.rss_bytes() + held_weight_bytes(weights, cfg.precision, cfg.quant) + LOAD_EXTRA + scratch
     return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + RUN_SLACK)
+
+
+def _cpu_kernels(cfg: TrainConfig) -> bool:
+    """Whether the run's WKV will be the CPU kernels (building them now if this is their first use)."""
+    return cfg.kernel == "auto" and wkv.backend() in ("auto", "cpu") and wkv_cpu.load() is not None
 
 
 def _refusal(cfg: TrainConfig, least: float, why: str) -> InvalidOptionError:

@@ -32,7 +32,7 @@ HEADERS = ("wkv_common.cuh", "wkv_chunk.h")
 HEAD_SIZES = (8, 16, 32, 64)
 DTYPES = (torch.float32, torch.bfloat16)
 
-EXTENSION = Extension(
+LIBRARY = Extension(
     name="rwkv_state_hub_wkv",
     what="CUDA WKV kernels",
     sources=SOURCES,
@@ -41,7 +41,7 @@ EXTENSION = Extension(
     cflags=("-O3",),
     cuda_cflags=("-O3", "-Xptxas", "-O3"),
 )
-SOURCE_DIR = EXTENSION.source_dir
+SOURCE_DIR = LIBRARY.source_dir
 
 
 def unavailable_reason() -> str | None:
@@ -49,7 +49,7 @@ def unavailable_reason() -> str | None:
 
     Missing sources are said first, whatever the machine: they mean a broken install, which a CPU-only machine
     would otherwise hide until the package reaches a GPU."""
-    missing = EXTENSION.missing_source()
+    missing = LIBRARY.missing_source()
     if missing:
         return missing
     if torch.version.cuda is None:
@@ -67,12 +67,12 @@ def unavailable_reason() -> str | None:
 
 def tell(reason: str) -> None:
     """Say once, in one line, why the CUDA kernels are not used for something."""
-    EXTENSION.tell(reason)
+    LIBRARY.tell(reason)
 
 
 def load() -> ModuleType | None:
     """The compiled extension (built on first use), or None after saying why in one line."""
-    return EXTENSION.load(unavailable_reason)
+    return LIBRARY.load(unavailable_reason)
 
 
 def _kernel_for(r: Tensor) -> ModuleType | None:

@@ -1,5 +1,7 @@
 // The WKV recurrences on CPU, one time step after another, with a state input, the final state output and the
-// gradient to everything (the state included). Built on first use by rwkv_state_hub/wkv/cpu.py.
+// gradient to everything (the state included). Plain C++ with a C interface (no torch headers: it compiles in
+// under a second in ~75 MB), built on first use by rwkv_state_hub/wkv/cpu.py and called through ctypes on the
+// tensors' memory.
 //
 // Why a loop and not chunks: a 64 x 64 state (16 KB) stays in the L1 cache, so stepping through time costs
 // about 5 N^2 multiply-adds a step forward and 13 backward, while the chunked torch form spends most of its time
@@ -16,12 +18,8 @@
 //   (d u is summed by the caller from gy, v, k, r.)
 // Backward walks the chunks of kChunk steps from the last: it recomputes the chunk's states S_{t-1} from the
 // checkpoint the forward pass kept (no division by the decay), then steps back through them.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/csrc/utils/pybind.h>
-
 #include <algorithm>
-#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -296,37 +294,24 @@ void backward5(const Dims& d, int64_t bh, const float* r, const float* k, const 
     std::memcpy(gs0 + bh * N * N, G, sizeof G);
 }
 
-// ---------------------------------------------------------------- the binding
+// ---------------------------------------------------------------- the C interface
 
-Dims check(const std::vector<at::Tensor>& xs, const at::Tensor& state) {
-    const auto& r = xs[0];
-    TORCH_CHECK(r.dim() == 4, "wkv_cpu: inputs must be [B, T, H, N], got ", r.sizes());
-    for (const auto& x : xs) {
-        TORCH_CHECK(!x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous(),
-                    "wkv_cpu: inputs must be contiguous float32 CPU tensors");
-        TORCH_CHECK(x.sizes() == r.sizes(), "wkv_cpu: input shapes differ: ", x.sizes(), " vs ", r.sizes());
-    }
-    const Dims d{r.size(0), r.size(1), r.size(2), r.size(3)};
-    TORCH_CHECK(d.N == 8 || d.N == 16 || d.N == 32 || d.N == 64, "wkv_cpu: head size must be 8, 16, 32 or 64");
-    TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.dim() == 4 &&
-                    state.size(0) == d.B && state.size(1) == d.H && state.size(2) == d.N && state.size(3) == d.N,
-                "wkv_cpu: state must be contiguous float32 [B, H, N, N], got ", state.sizes());
-    return d;
-}
-
-// Runs body<N>(bh) for every (batch, head), spread over torch's intra-op threads.
+// Runs body<N>(bh) for every (batch, head) on `threads` OpenMP threads. The library links the libgomp that torch
+// has loaded (same soname), so these are torch's own threads: a second pool would spin against them.
 template <template <int> class Body, typename... Args>
-void for_heads(const Dims& d, Args&&... args) {
-    at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bh = begin; bh < end; ++bh) {
-            switch (d.N) {
-                case 8: Body<8>::run(d, bh, args...); break;
-                case 16: Body<16>::run(d, bh, args...); break;
-                case 32: Body<32>::run(d, bh, args...); break;
-                default: Body<64>::run(d, bh, args...); break;
-            }
+int for_heads(const Dims& d, int threads, Args... args) {
+    if (d.N != 8 && d.N != 16 && d.N != 32 && d.N != 64) return 1;
+    const int64_t n = d.B * d.H;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bh = 0; bh < n; ++bh) {
+        switch (d.N) {
+            case 8: Body<8>::run(d, bh, args...); break;
+            case 16: Body<16>::run(d, bh, args...); break;
+            case 32: Body<32>::run(d, bh, args...); break;
+            default: Body<64>::run(d, bh, args...); break;
         }
-    });
+    }
+    return 0;
 }
 
 template <int N> struct Fwd7 { template <typename... A> static void run(const Dims& d, int64_t bh, A... a) { forward7<N>(d, bh, a...); } };
@@ -334,60 +319,40 @@ template <int N> struct Bwd7 { template <typename... A> static void run(const Di
 template <int N> struct Fwd5 { template <typename... A> static void run(const Dims& d, int64_t bh, A... a) { forward5<N>(d, bh, a...); } };
 template <int N> struct Bwd5 { template <typename... A> static void run(const Dims& d, int64_t bh, A... a) { backward5<N>(d, bh, a...); } };
 
-const float* p(const at::Tensor& x) { return x.data_ptr<float>(); }
-float* p(at::Tensor& x) { return x.data_ptr<float>(); }
-
-// Returns y, the final state, and (keep) the checkpoints for backward.
-std::vector<at::Tensor> wkv7_forward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor log_w, at::Tensor a,
-                                     at::Tensor b, at::Tensor s0, bool keep) {
-    const Dims d = check({r, k, v, log_w, a, b}, s0);
-    auto y = at::empty_like(r), s_out = at::empty_like(s0), w = log_w.exp();
-    auto ckpt = keep ? at::empty({d.B * d.H, d.chunks(), d.N, d.N}, s0.options()) : at::empty({0}, s0.options());
-    for_heads<Fwd7>(d, p(r), p(k), p(v), p(w), p(a), p(b), p(s0), p(y), p(s_out), keep ? p(ckpt) : nullptr);
-    return {y, s_out, ckpt};
-}
-
-// Returns the gradients to r, k, v, log_w, a, b and the initial state.
-std::vector<at::Tensor> wkv7_backward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor log_w, at::Tensor a,
-                                      at::Tensor b, at::Tensor ckpt, at::Tensor gy, at::Tensor gs) {
-    const Dims d = check({r, k, v, log_w, a, b, gy}, gs);
-    TORCH_CHECK(ckpt.numel() == d.B * d.H * d.chunks() * d.N * d.N, "wkv_cpu: checkpoints of the wrong size");
-    auto gr = at::empty_like(r), gk = at::empty_like(r), gv = at::empty_like(r), gw = at::empty_like(r);
-    auto ga = at::empty_like(r), gb = at::empty_like(r), gs0 = at::empty_like(gs), w = log_w.exp();
-    for_heads<Bwd7>(d, p(r), p(k), p(v), p(w), p(a), p(b), p(ckpt), p(gy), p(gs), p(gr), p(gk), p(gv), p(gw),
-                    p(ga), p(gb), p(gs0));
-    return {gr, gk, gv, gw, ga, gb, gs0};
-}
-
-std::vector<at::Tensor> wkv5_forward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor log_w, at::Tensor u,
-                                     at::Tensor s0, bool keep) {
-    const Dims d = check({r, k, v, log_w}, s0);
-    TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.numel() == d.H * d.N,
-                "wkv_cpu: u must be contiguous float32 [H, N]");
-    auto y = at::empty_like(r), s_out = at::empty_like(s0), w = log_w.exp();
-    auto ckpt = keep ? at::empty({d.B * d.H, d.chunks(), d.N, d.N}, s0.options()) : at::empty({0}, s0.options());
-    for_heads<Fwd5>(d, p(r), p(k), p(v), p(w), p(u), p(s0), p(y), p(s_out), keep ? p(ckpt) : nullptr);
-    return {y, s_out, ckpt};
-}
-
-// Returns the gradients to r, k, v, log_w and the initial state (u's is summed by the caller).
-std::vector<at::Tensor> wkv5_backward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor log_w, at::Tensor u,
-                                      at::Tensor ckpt, at::Tensor gy, at::Tensor gs) {
-    const Dims d = check({r, k, v, log_w, gy}, gs);
-    TORCH_CHECK(ckpt.numel() == d.B * d.H * d.chunks() * d.N * d.N, "wkv_cpu: checkpoints of the wrong size");
-    TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.numel() == d.H * d.N,
-                "wkv_cpu: u must be contiguous float32 [H, N]");
-    auto gr = at::empty_like(r), gk = at::empty_like(r), gv = at::empty_like(r), gw = at::empty_like(r);
-    auto gs0 = at::empty_like(gs), w = log_w.exp();
-    for_heads<Bwd5>(d, p(r), p(k), p(v), p(w), p(u), p(ckpt), p(gy), p(gs), p(gr), p(gk), p(gv), p(gw), p(gs0));
-    return {gr, gk, gv, gw, gs0};
-}
-
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("wkv7_forward", &wkv7_forward);
-    m.def("wkv7_backward", &wkv7_backward);
-    m.def("wkv5_forward", &wkv5_forward);
-    m.def("wkv5_backward", &wkv5_backward);
+// Every tensor is contiguous fp32: inputs [B, T, H, N], w = exp(log_w), states [B, H, N, N], u [H, N],
+// checkpoints [B * H, ceil(T / wkv_chunk()), N, N] (ckpt may be null in forward: no backward wanted).
+// Returns 0, or 1 for a head size other than 8, 16, 32, 64.
+extern "C" {
+
+int wkv_chunk() { return kChunk; }
+
+int wkv7_forward(int64_t B, int64_t T, int64_t H, int64_t N, int threads, const float* r, const float* k,
+                 const float* v, const float* w, const float* a, const float* b, const float* s0, float* y,
+                 float* s_out, float* ckpt) {
+    return for_heads<Fwd7>(Dims{B, T, H, N}, threads, r, k, v, w, a, b, s0, y, s_out, ckpt);
 }
+
+// Writes the gradients to r, k, v, log_w, a, b and the initial state.
+int wkv7_backward(int64_t B, int64_t T, int64_t H, int64_t N, int threads, const float* r, const float* k,
+                  const float* v, const float* w, const float* a, const float* b, const float* ckpt, const float* gy,
+                  const float* gs, float* gr, float* gk, float* gv, float* glog_w, float* ga, float* gb, float* gs0) {
+    return for_heads<Bwd7>(Dims{B, T, H, N}, threads, r, k, v, w, a, b, ckpt, gy, gs, gr, gk, gv, glog_w, ga, gb,
+                           gs0);
+}
+
+int wkv5_forward(int64_t B, int64_t T, int64_t H, int64_t N, int threads, const float* r, const float* k,
+                 const float* v, const float* w, const float* u, const float* s0, float* y, float* s_out,
+                 float* ckpt) {
+    return for_heads<Fwd5>(Dims{B, T, H, N}, threads, r, k, v, w, u, s0, y, s_out, ckpt);
+}
+
+// Writes the gradients to r, k, v, log_w and the initial state (u's is summed by the caller).
+int wkv5_backward(int64_t B, int64_t T, int64_t H, int64_t N, int threads, const float* r, const float* k,
+                  const float* v, const float* w, const float* u, const float* ckpt, const float* gy, const float* gs,
+                  float* gr, float* gk, float* gv, float* glog_w, float* gs0) {
+    return for_heads<Bwd5>(Dims{B, T, H, N}, threads, r, k, v, w, u, ckpt, gy, gs, gr, gk, gv, glog_w, gs0);
+}
+
+}  // extern "C"
