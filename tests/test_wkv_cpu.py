@@ -211,3 +211,11 @@ def test_a_compiler_that_fails_or_is_missing_is_one_line_and_leaves_no_library(f
     monkeypatch.setattr(cpu, "LIBRARY", dataclasses.replace(cpu.LIBRARY))
     monkeypatch.setenv("CXX", "no-such-compiler")
     assert cpu.unavailable_reason() == "no C++ compiler 'no-such-compiler' found (install g++ or set CXX)"
+
+
+def test_the_environment_turns_the_kernels_off(fresh_loader, monkeypatch, capsys):
+    monkeypatch.setenv("RWKV_STATE_HUB_CPU_KERNELS", "0")
+    xs = [x.float().requires_grad_() for x in inputs7(1, 9, 1, 16)]
+    y, _ = cpu.wkv7(*xs)
+    assert type(y.grad_fn).__name__ != "_WKV7Backward" and cpu.load() is None
+    assert "RWKV_STATE_HUB_CPU_KERNELS=0" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import platform
 import sys
 from functools import cache
@@ -79,7 +80,11 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled library (built on first use), or None after saying why in one line."""
+    """The compiled library (built on first use), or None after saying why in one line.
+    RWKV_STATE_HUB_CPU_KERNELS=0 turns it off (the torch paths: to compare, or to measure them)."""
+    if os.environ.get("RWKV_STATE_HUB_CPU_KERNELS") == "0":
+        LIBRARY.tell("RWKV_STATE_HUB_CPU_KERNELS=0")
+        return None
     lib = LIBRARY.load(unavailable_reason)
     return None if lib is None else _typed(lib)
 
