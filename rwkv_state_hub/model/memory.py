@@ -36,9 +36,9 @@ LAYER_FIXED = 3.5 * 2**20
 # weights + 1 GiB peaked 5-7% over the budget on 2.0x that alone. So each kept block counts KEPT_TRANSIENT_FLOATS per
 # channel and token more (2.0 x the 25 the kernels no longer save: a kept block costs what it did before them).
 KEPT_TRANSIENT_FLOATS = 50
-# and the whole of it 5% more: measured peaks spread that much around the fit between runs and shapes (without it,
-# 0.4B fp32 under weights + 1 GiB peaked at 0.99 of the budget)
-STEP_SPREAD = 1.05
+# and the whole of it 10% more: measured peaks spread that much around the fit between runs and shapes (at 5%, 1.5B
+# fp32 under weights + 1 GiB peaked at 0.998 of the budget with the CPU kernels; without any, 0.4B fp32 at 0.99)
+STEP_SPREAD = 1.10
 
 
 def _status_kib(field: str) -> int | None:

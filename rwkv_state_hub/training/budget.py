@@ -45,10 +45,15 @@ QUANT_BYTES = {"int8": 1.0, "nf4": 0.5625}  # bytes per weight with the scales (
 _LINEAR = re.compile(r"^(head|blocks\.\d+\.(att|ffn)\.(receptance|key|value|output|gate))\.weight$")
 
 
+def dtype_of(precision: str) -> torch.dtype:
+    """The dtype a run's matrices are held in for --precision (the state and its maths stay fp32 either way)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def held_weight_bytes(weights: dict[str, torch.Tensor], precision: str, quant: str | None) -> int:
     """Bytes the model will hold for these checkpoint tensors (model.build_model's rules): the matrices in
     `precision` or quantized, the embedding never widened, everything else fp32."""
-    matrix = QUANT_BYTES[quant] if quant else (2 if precision == "bf16" else 4)
+    matrix = QUANT_BYTES[quant] if quant else dtype_of(precision).itemsize
     total = 0.0
     for name, t in weights.items():
         if name.endswith(".time_state"):
@@ -56,7 +61,7 @@ def held_weight_bytes(weights: dict[str, torch.Tensor], precision: str, quant: s
         if _LINEAR.match(name):
             total += t.numel() * matrix
         elif name == "emb.weight":
-            total += t.numel() * min(t.element_size(), 2 if precision == "bf16" else 4)
+            total += t.numel() * min(t.element_size(), dtype_of(precision).itemsize)
         else:
             total += t.numel() * 4
     return int(total)
@@ -67,7 +72,7 @@ def _converted_bytes(weights: dict[str, torch.Tensor], precision: str, quant: st
     one it is held in is read whole before its pages are handed back (a quantized one a few rows at a time)."""
     if quant:
         return 0
-    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    want = dtype_of(precision)
     return max((t.numel() * t.element_size() for name, t in weights.items() if _LINEAR.match(name) and t.dtype != want),
                default=0)
 
@@ -77,7 +82,7 @@ def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.
     weights as held, what loading adds, and the larger of loading's transient and the leanest step (every block
     recomputed, in the time chunk and with the boundary states that need least); then RUN_SLACK. budget.plan's
     estimate after loading stays below it, so a budget this allows is not refused later."""
-    logits = training_logits_bytes(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, cfg.quant is not None)
+    logits = training_logits_bytes(dtype_of(cfg.precision), cfg.quant is not None)
     per_token = ACT_FLOATS["kernels" if _cpu_kernels(cfg) else "torch"] * spec.n_embd * 4
     step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, per_token, logits, all_up_to)
                for chunk, all_up_to in memory.step_ways(cfg.ctx_len, cfg.time_chunk))

@@ -109,7 +109,7 @@ def load_for_run(cfg: TrainConfig, device: torch.device) -> tuple[RWKV, Inputs]:
     inputs = load_inputs(cfg, spec)
     if device.type == "cpu":
         budget.check_before_loading(cfg, spec, weights)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    dtype = budget.dtype_of(cfg.precision)
     return build_model(spec, weights, dtype=dtype, device=device, quant=cfg.quant), inputs
 
 
