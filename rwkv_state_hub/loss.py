@@ -97,9 +97,10 @@ def _chunked_loss(flat: Tensor, head: Head, targets: Tensor, weight: Tensor,
     nll = flat.new_empty(flat.shape[0])
     correct = flat.new_zeros(())
     rows = _chunk_rows(head)
+    fused = want_grad and _fused_bf16(head)  # the C++ kernel: from the bf16 logits to their bf16 gradient
     for s in range(0, flat.shape[0], rows):
         h, t, wt = flat[s : s + rows], targets[s : s + rows, None], weight[s : s + rows, None]
-        if want_grad and _fused_bf16(head):  # the C++ kernel: from the bf16 logits to their bf16 gradient
+        if fused:
             logits = F.linear(h.to(head.dtype), head)
             nll[s : s + rows] = cpu_kernels.xent_bf16_(logits, t[:, 0], wt[:, 0])
             grad[s : s + rows] = (logits @ head).to(grad.dtype)

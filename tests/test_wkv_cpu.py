@@ -4,12 +4,11 @@ outputs, final state and the gradient to every input, the state included; and th
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_wkv5_chunked import make_inputs
+from test_wkv7_chunked import model_like
 
 from rwkv_state_hub import wkv
 from rwkv_state_hub.wkv import cpu, reference
@@ -26,20 +25,9 @@ def kernels():
 
 
 def inputs7(B, T, H, N, *, seed=0, pad_from=None):
-    """Like v7.TimeMix's: kk unit-norm, a = -kk, b = kk * iclr, w in [0.545, 1); float64. Steps from pad_from on
-    are padding (k = v = a = b = 0, log_w = 0), which must leave the state unchanged."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    kk = F.normalize(rn(B, T, H, N), dim=-1)
-    xs = [rn(B, T, H, N), rn(B, T, H, N), rn(B, T, H, N), -math.exp(-0.5) * torch.sigmoid(rn(B, T, H, N)),
-          -kk, kk * torch.sigmoid(rn(B, T, H, N)), 0.5 * rn(B, H, N, N)]
-    if pad_from is not None:
-        for i in (1, 2, 3, 4, 5):
-            xs[i][:, pad_from:] = 0
-    return xs
+    """test_wkv7_chunked's model-like inputs in float64; steps from pad_from on are padding (k = v = a = b = 0,
+    log_w = 0), which must leave the state unchanged."""
+    return model_like(B, T, H, N, seed=seed, dtype=torch.float64, lengths=None if pad_from is None else [pad_from] * B)
 
 
 def grads(fn, xs, seed=1):

@@ -30,7 +30,6 @@ constexpr int kChunk = 16;  // steps between checkpoints: a chunk's recomputed s
 struct Dims {
     int64_t B, T, H, N;
     int64_t chunks() const { return (T + kChunk - 1) / kChunk; }
-    int64_t step() const { return H * N; }  // distance between time steps in a [B, T, H, N] tensor
     int64_t at(int64_t bh, int64_t t) const { return ((bh / H) * T + t) * H * N + (bh % H) * N; }
 };
 
@@ -68,6 +67,48 @@ inline float hsum(typename Lanes<W>::V x) {
 template <int N>
 inline float sum(typename Row<N>::V x) { return hsum<Row<N>::W>(x); }
 
+// ---------------------------------------------------------------- one (batch, head), either architecture
+
+// Steps through time from the state s0 (step(S, x): one step on the inputs at offset x), keeping the state before
+// every kChunk-th step in ckpt (unless null), and writes the final state.
+template <int N, typename Step>
+void forward(const Dims& d, int64_t bh, const float* s0, float* s_out, float* ckpt, Step step) {
+    alignas(64) float S[N * N];
+    std::memcpy(S, s0 + bh * N * N, sizeof S);
+    for (int64_t t = 0; t < d.T; ++t) {
+        if (ckpt != nullptr && t % kChunk == 0) std::memcpy(ckpt + (bh * d.chunks() + t / kChunk) * N * N, S, sizeof S);
+        step(S, d.at(bh, t));
+    }
+    std::memcpy(s_out + bh * N * N, S, sizeof S);
+}
+
+// Recomputes the states before each step of chunk c into S[0 .. t1 - t0) from the chunk's checkpoint.
+template <int N, typename Step>
+void recompute(const Dims& d, int64_t bh, int64_t c, const float* ckpt, float* S, Step step) {
+    const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
+    std::memcpy(S, ckpt + (bh * d.chunks() + c) * N * N, N * N * sizeof(float));
+    for (int64_t t = t0; t + 1 < t1; ++t, S += N * N) {
+        std::memcpy(S + N * N, S, N * N * sizeof(float));
+        step(S + N * N, d.at(bh, t));
+    }
+}
+
+// Steps back through time from the final state's gradient gs_out, a chunk at a time from the last: its states
+// recomputed from its checkpoint (step without outputs), then back(G, S_{t-1}, x) for each of its steps, last
+// first. Writes the initial state's gradient.
+template <int N, typename Step, typename Back>
+void backward(const Dims& d, int64_t bh, const float* ckpt, const float* gs_out, float* gs0, Step step, Back back) {
+    alignas(64) float G[N * N];
+    std::vector<float> states(static_cast<size_t>(kChunk) * N * N);  // S_{t-1} for each step of a chunk
+    std::memcpy(G, gs_out + bh * N * N, sizeof G);
+    for (int64_t c = d.chunks() - 1; c >= 0; --c) {
+        recompute<N>(d, bh, c, ckpt, states.data(), step);
+        const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
+        for (int64_t t = t1 - 1; t >= t0; --t) back(G, states.data() + (t - t0) * N * N, d.at(bh, t));
+    }
+    std::memcpy(gs0 + bh * N * N, G, sizeof G);
+}
+
 // ---------------------------------------------------------------- RWKV-7
 
 // One forward step: S <- S diag(w) + (S a) b^T + v k^T; y = S r (when y is given).
@@ -99,26 +140,8 @@ inline void step7(float* S, const float* w_, const float* k_, const float* v, co
 template <int N>
 void forward7(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
               const float* a, const float* b, const float* s0, float* y, float* s_out, float* ckpt) {
-    alignas(64) float S[N * N];
-    std::memcpy(S, s0 + bh * N * N, sizeof S);
-    const int64_t o = d.at(bh, 0), st = d.step();
-    for (int64_t t = 0; t < d.T; ++t) {
-        if (ckpt != nullptr && t % kChunk == 0) std::memcpy(ckpt + (bh * d.chunks() + t / kChunk) * N * N, S, sizeof S);
-        const int64_t x = o + t * st;
-        step7<N>(S, w + x, k + x, v + x, a + x, b + x, r + x, y + x);
-    }
-    std::memcpy(s_out + bh * N * N, S, sizeof S);
-}
-
-// Recomputes the states before each step of chunk c into S[0 .. t1 - t0) from the chunk's checkpoint.
-template <int N, typename Step>
-void recompute(const Dims& d, int64_t bh, int64_t c, const float* ckpt, float* S, Step step) {
-    const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
-    std::memcpy(S, ckpt + (bh * d.chunks() + c) * N * N, N * N * sizeof(float));
-    for (int64_t t = t0; t + 1 < t1; ++t, S += N * N) {
-        std::memcpy(S + N * N, S, N * N * sizeof(float));
-        step(S + N * N, d.at(bh, t));
-    }
+    forward<N>(d, bh, s0, s_out, ckpt,
+               [&](float* S, int64_t x) { step7<N>(S, w + x, k + x, v + x, a + x, b + x, r + x, y + x); });
 }
 
 // One backward step of RWKV-7: G (dS_t in, dS_{t-1} out), S = S_{t-1}; writes step t's input gradients.
@@ -178,23 +201,23 @@ template <int N>
 void backward7(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
                const float* a, const float* b, const float* ckpt, const float* gy, const float* gs_out, float* gr,
                float* gk, float* gv, float* gw, float* ga, float* gb, float* gs0) {
-    alignas(64) float G[N * N];
-    std::vector<float> states(static_cast<size_t>(kChunk) * N * N);  // S_{t-1} for each step of a chunk
-    std::memcpy(G, gs_out + bh * N * N, sizeof G);
-    const auto step = [&](float* S, int64_t x) { step7<N>(S, w + x, k + x, v + x, a + x, b + x, nullptr, nullptr); };
-    for (int64_t c = d.chunks() - 1; c >= 0; --c) {
-        recompute<N>(d, bh, c, ckpt, states.data(), step);
-        const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
-        for (int64_t t = t1 - 1; t >= t0; --t) {
-            const int64_t x = d.at(bh, t);
-            back7<N>(G, states.data() + (t - t0) * N * N, w + x, r + x, k + x, v + x, a + x, b + x, gy + x,
-                     gr + x, gk + x, gv + x, gw + x, ga + x, gb + x);
-        }
-    }
-    std::memcpy(gs0 + bh * N * N, G, sizeof G);
+    backward<N>(d, bh, ckpt, gs_out, gs0,
+                [&](float* S, int64_t x) { step7<N>(S, w + x, k + x, v + x, a + x, b + x, nullptr, nullptr); },
+                [&](float* G, const float* S, int64_t x) {
+                    back7<N>(G, S, w + x, r + x, k + x, v + x, a + x, b + x, gy + x, gr + x, gk + x, gv + x, gw + x,
+                             ga + x, gb + x);
+                });
 }
 
 // ---------------------------------------------------------------- RWKV-5.2 / 6
+
+// The current token's bonus weight u . k . r (y_t gets v_t times it).
+template <int N>
+inline float bonus5(const typename Row<N>::V* u, const typename Row<N>::V* k, const typename Row<N>::V* r) {
+    typename Row<N>::V ukr = {};
+    for (int q = 0; q < Row<N>::K; ++q) ukr += u[q] * k[q] * r[q];
+    return sum<N>(ukr);
+}
 
 // One forward step: y = S r + v (u . k . r) (when y is given); S <- S diag(w) + v k^T.
 template <int N>
@@ -205,9 +228,7 @@ inline void step5(float* S, const float* w_, const float* k_, const float* v, co
     constexpr int K = R::K;
     V w[K], k[K], r[K], u[K];
     R::load(w, w_), R::load(k, k_), R::load(r, r_), R::load(u, u_);
-    V ukr = {};
-    for (int q = 0; q < K; ++q) ukr += u[q] * k[q] * r[q];
-    const float bonus = sum<N>(ukr);
+    const float bonus = y != nullptr ? bonus5<N>(u, k, r) : 0.f;
     for (int i = 0; i < N; ++i) {
         V s[K], acc = {};
         R::load(s, S + i * N);
@@ -224,16 +245,8 @@ inline void step5(float* S, const float* w_, const float* k_, const float* v, co
 template <int N>
 void forward5(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
               const float* u, const float* s0, float* y, float* s_out, float* ckpt) {
-    alignas(64) float S[N * N];
-    std::memcpy(S, s0 + bh * N * N, sizeof S);
-    const int64_t o = d.at(bh, 0), st = d.step();
     const float* uh = u + (bh % d.H) * N;
-    for (int64_t t = 0; t < d.T; ++t) {
-        if (ckpt != nullptr && t % kChunk == 0) std::memcpy(ckpt + (bh * d.chunks() + t / kChunk) * N * N, S, sizeof S);
-        const int64_t x = o + t * st;
-        step5<N>(S, w + x, k + x, v + x, uh, r + x, y + x);
-    }
-    std::memcpy(s_out + bh * N * N, S, sizeof S);
+    forward<N>(d, bh, s0, s_out, ckpt, [&](float* S, int64_t x) { step5<N>(S, w + x, k + x, v + x, uh, r + x, y + x); });
 }
 
 // One backward step of RWKV-5.2 / 6: G (dS_t in, dS_{t-1} out), S = S_{t-1}.
@@ -245,9 +258,7 @@ inline void back5(float* G, const float* S, const float* w_, const float* r_, co
     constexpr int K = R::K;
     V w[K], r[K], k[K], u[K];
     R::load(w, w_), R::load(r, r_), R::load(k, k_), R::load(u, u_);
-    V ukr = {};
-    for (int q = 0; q < K; ++q) ukr += u[q] * k[q] * r[q];
-    const float bonus = sum<N>(ukr);
+    const float bonus = bonus5<N>(u, k, r);
     V gk_[K] = {}, gw_[K] = {}, gyS[K] = {};
     float gy_v = 0.f;
     for (int i = 0; i < N; ++i) {
@@ -277,21 +288,12 @@ template <int N>
 void backward5(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
                const float* u, const float* ckpt, const float* gy, const float* gs_out, float* gr, float* gk,
                float* gv, float* gw, float* gs0) {
-    alignas(64) float G[N * N];
-    std::vector<float> states(static_cast<size_t>(kChunk) * N * N);
-    std::memcpy(G, gs_out + bh * N * N, sizeof G);
     const float* uh = u + (bh % d.H) * N;
-    const auto step = [&](float* S, int64_t x) { step5<N>(S, w + x, k + x, v + x, uh, r + x, nullptr); };
-    for (int64_t c = d.chunks() - 1; c >= 0; --c) {
-        recompute<N>(d, bh, c, ckpt, states.data(), step);
-        const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
-        for (int64_t t = t1 - 1; t >= t0; --t) {
-            const int64_t x = d.at(bh, t);
-            back5<N>(G, states.data() + (t - t0) * N * N, w + x, r + x, k + x, v + x, uh, gy + x, gr + x, gk + x,
-                     gv + x, gw + x);
-        }
-    }
-    std::memcpy(gs0 + bh * N * N, G, sizeof G);
+    backward<N>(d, bh, ckpt, gs_out, gs0,
+                [&](float* S, int64_t x) { step5<N>(S, w + x, k + x, v + x, uh, r + x, nullptr); },
+                [&](float* G, const float* S, int64_t x) {
+                    back5<N>(G, S, w + x, r + x, k + x, v + x, uh, gy + x, gr + x, gk + x, gv + x, gw + x);
+                });
 }
 
 // ---------------------------------------------------------------- the C interface
