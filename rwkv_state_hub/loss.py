@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .files import release_free_heap
 from .model.quant import QuantizedLinear
 from .wkv import cpu as cpu_kernels
 
@@ -178,6 +179,8 @@ def windowed_batch_loss(model, batch, state, chunk: int) -> tuple[Tensor, Tensor
         loss, correct = head_loss(hidden, model.head, part.targets, part.loss_mask.to(hidden.dtype))
         loss_sum = loss_sum + loss.double()
         right = right + correct.double()
+        del hidden, loss, correct
+        release_free_heap()
     return loss_sum, right
 
 
@@ -248,16 +251,21 @@ def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0,
         for i in reversed(segment):
             part = batch.window(starts[i], starts[i] + chunk)
             begin = boundaries.pop(i)
-            start = state if i == 0 else RecurrentState(*(t.clone().requires_grad_() for t in begin.tensors()))
+            start = state if i == 0 else RecurrentState(*(t.requires_grad_() for t in begin.tensors()))
             hidden, final = model.hidden(part.inputs, start, part.mask)
+            # hand the C heap's free pages back after the forward and after the backward: the freed temporaries'
+            # holes stay resident otherwise (a 1.5B step of 32-token chunks: 0.39 GiB over the weights, 0.28 with)
+            release_free_heap()
             loss, _ = head_loss(hidden, model.head, part.targets, part.loss_mask.to(hidden.dtype))
+            total += loss.detach().double().cpu()
             outputs, grads = [loss * scale], [torch.ones_like(loss)]
             if carried is not None:
                 pairs = [(t, g) for t, g in zip(final.tensors(), carried, strict=True) if t.requires_grad]
                 outputs += [t for t, _ in pairs]
                 grads += [g for _, g in pairs]
             torch.autograd.backward(outputs, grads)
-            total += loss.detach().double().cpu()
             if i > 0:
                 carried = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in start.tensors())
+            del begin, start, hidden, final, loss, outputs, grads
+            release_free_heap()
     return total

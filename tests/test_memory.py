@@ -242,7 +242,7 @@ def test_training_under_a_tight_memory_budget_learns_the_same_state(tmp_path, mo
     c = cfg(tmp_path)
     model = load_model(c.model)
     *_, keep_one, recompute_all = memory.step_estimates(model, c.micro_bsz, c.ctx_len)
-    tight = ((keep_one + recompute_all) / 2 + budget.RUN_SLACK) / 2**30
+    tight = ((keep_one + recompute_all) / 2 + budget.run_slack(model.spec)) / 2**30
     lean = train(cfg(tmp_path, out=str(tmp_path / "b"), steps=2, memory_budget=tight), progress=False).state
     n_layer = read_checkpoint(cfg(tmp_path).model)[0].n_layer
     assert len(recomputed) == 2 * n_layer  # 2 steps of one micro-batch: every block recomputed each time

@@ -242,8 +242,11 @@ class RWKV(nn.Module):
         x = self.emb(tokens).to(dtype)
         v_first = None
         att_xs, wkvs, ffn_xs = [], [], []
+        # one unbind, not a select per layer: the backward of a select builds a zero tensor of the whole state
+        # for each layer's gradient, that of an unbind stacks them once
+        wkv_in, att_in, ffn_in = (t.unbind(1) for t in state.tensors())
         for i, block in enumerate(self.blocks):
-            args = (x, state.att_x[:, i], state.wkv[:, i], state.ffn_x[:, i], v_first, mask)
+            args = (x, att_in[i], wkv_in[i], ffn_in[i], v_first, mask)
             if i < self.recompute_layers and torch.is_grad_enabled():
                 # non-reentrant: the reentrant variant breaks when every weight is frozen
                 x, att_x, wkv, ffn_x, v_first = checkpoint(block, *args, use_reentrant=False)

@@ -27,10 +27,12 @@ PROBE_TOKENS = 32
 # peak measured on L12 D768 and L24 D1024 (fp32, chunks of 32-512 tokens, glibc's heap as it is): a block that
 # keeps its activations costs 1.65-2.2x what it saves (its gradients and the heap's fragments), a recomputed one
 # 0.6-0.8x (recomputed in turn in the backward pass, fragments again), and any block LAYER_FIXED more; both
-# rounded up.
+# rounded up. In time chunks (loss.chunked_backward hands the heap's free pages back after each chunk's forward
+# and backward) a recomputed block costs less: refitted on the 0.1B, 0.4B and 1.5B shapes in chunks of 32-128
+# tokens with every block recomputed, at or above every measured peak (1.0-1.9x of it) before STEP_SPREAD.
 KEPT_FACTOR = 2.0
-RECOMPUTED_FACTOR = 0.8
-LAYER_FIXED = 3.5 * 2**20
+RECOMPUTED_FACTOR = {"whole": 0.8, "chunked": 0.6}
+LAYER_FIXED = {"whole": 3.5 * 2**20, "chunked": 3.0 * 2**20}
 # A kept block's backward also holds its gradients' temporaries, which do not shrink when the WKV saves less: with
 # the CPU WKV kernels a block saves 27 floats per channel and token, not 52, yet int8 and nf4 at 0.1B under
 # weights + 1 GiB peaked 5-7% over the budget on 2.0x that alone. So each kept block counts KEPT_TRANSIENT_FLOATS per
@@ -83,10 +85,11 @@ def available_bytes() -> int | None:
 
 
 def saved_bytes_per_token(model: RWKV) -> int:
-    """Bytes that one block keeps for the backward pass per token, measured on a PROBE_TOKENS forward
-    pass of the whole model (weights and anything shared are not counted; each storage counted once).
-    The pass runs the head too: every page of a memory-mapped weight is then resident, so the RSS that
-    `plan_recompute` reads next counts all the weights (the head alone is 100 MB in bf16 at 0.1B)."""
+    """Bytes that one block keeps for the backward pass per token, measured on a PROBE_TOKENS pass of the second
+    block (weights and anything shared are not counted; each storage counted once): one block, not the whole
+    model, so that the probe's own peak stays below a step's (the whole model kept its activations and ran the
+    head: +0.35 GiB at the 1.5B shape, the run's peak under a tight budget). The second, because in RWKV-7 every
+    block after the first also mixes in the first one's values."""
     frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -97,22 +100,30 @@ def saved_bytes_per_token(model: RWKV) -> int:
         return t
 
     device = model.emb.weight.device
-    dtype = model.ln_out.weight.dtype
-    state = RecurrentState.zeros(model.spec, 1, device, dtype)
-    state.wkv.requires_grad_(True)
-    tokens = torch.zeros(1, PROBE_TOKENS, dtype=torch.long, device=device)
-    before = model.recompute_layers
-    model.recompute_layers = 0
-    try:
-        with torch.enable_grad():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                logits, final = model(tokens, state)
-            # run the backward pass too: it releases what was saved (a graph saved through hooks and
-            # dropped unused would keep it, a cycle through the autograd nodes)
-            (logits.sum() + final.wkv.sum()).backward()
-    finally:
-        model.recompute_layers = before
-    return sum(seen.values()) // (PROBE_TOKENS * model.spec.n_layer)
+    state = RecurrentState.zeros(model.spec, 1, device, model.ln_out.weight.dtype)
+    layer = min(1, len(model.blocks) - 1)
+    x = model.emb(torch.zeros(1, PROBE_TOKENS, dtype=torch.long, device=device)).to(state.wkv.dtype)
+    v_first = None
+    with torch.no_grad():
+        for i in range(layer):
+            x, *_, v_first = model.blocks[i](x, state.att_x[:, i], state.wkv[:, i], state.ffn_x[:, i], v_first, None)
+    inputs = [x, state.att_x[:, layer], state.wkv[:, layer], state.ffn_x[:, layer]]
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    with torch.enable_grad():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x, _, wkv, *_ = model.blocks[layer](*inputs, v_first, None)
+        # run the backward pass too: it releases what was saved (a graph saved through hooks and
+        # dropped unused would keep it, a cycle through the autograd nodes)
+        (x.sum() + wkv.sum()).backward()
+    return sum(seen.values()) // PROBE_TOKENS
+
+
+def page_in(model: RWKV) -> None:
+    """Read every page of the model's weights and buffers: training reads them all sooner or later, and a
+    memory-mapped one counts in RSS only once read, so the plan must see them resident."""
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            float(t.reshape(-1)[:: max(1, 4096 // t.element_size())].double().sum())  # one value per page
 
 
 MIN_TIME_CHUNK = 32  # the shortest time chunk plan_step tries: below it, per-chunk overheads dominate
@@ -131,6 +142,11 @@ class StepPlan:
     all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO
 
 
+def state_bytes(spec, batch: int = 1) -> int:
+    """Bytes of a whole recurrent state (every layer's WKV matrices and both token shifts, fp32)."""
+    return batch * spec.n_layer * (spec.n_head * spec.head_size**2 + 2 * spec.n_embd) * 4
+
+
 def step_bytes(spec, batch: int, tokens: int, ctx: int, recompute: int, saved_per_token: int,
                logits_bytes: int, all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> float:
     """What a step of `batch` x `ctx` tokens, run `tokens` at a time with `recompute` blocks recomputed, adds to
@@ -139,10 +155,11 @@ def step_bytes(spec, batch: int, tokens: int, ctx: int, recompute: int, saved_pe
     known before a model is loaded."""
     L = spec.n_layer
     saved = saved_per_token * batch * tokens                      # one block's activations
-    state = batch * L * (spec.n_head * spec.head_size**2 + 2 * spec.n_embd) * 4
+    state = state_bytes(spec, batch)
     logits = min(logits_bytes, batch * tokens * spec.vocab_size * 4)
     kept = KEPT_FACTOR * saved + KEPT_TRANSIENT_FLOATS * 4 * spec.n_embd * batch * tokens
-    blocks = (L - recompute) * kept + recompute * RECOMPUTED_FACTOR * saved + L * LAYER_FIXED
+    way = "chunked" if tokens < ctx else "whole"
+    blocks = (L - recompute) * kept + recompute * RECOMPUTED_FACTOR[way] * saved + L * LAYER_FIXED[way]
     return STEP_SPREAD * (blocks + boundaries_kept(math.ceil(ctx / tokens), all_boundaries_up_to) * state + 2 * logits)
 
 
@@ -174,7 +191,7 @@ def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk
     recomputed blocks (each a second forward pass of a block). When nothing fits, the least this model can train
     in (every block recomputed, in the way that needs least), with fits=False."""
     per_token = saved_bytes_per_token(model)
-    float(model.emb.weight.sum())  # training reads every row sooner or later (the probe read one): count them now
+    page_in(model)
     release_free_heap()
     now = rss_bytes()
     least = None

@@ -2,11 +2,11 @@
 
 Two checks, one before and one after the model is loaded:
 - `check_before_loading`: the least this run can take (this process now, the weights as the model will hold
-  them, the smallest step by formula, RUN_SLACK) against the budget; a budget below it is refused, naming the
+  them, the smallest step by formula, run_slack) against the budget; a budget below it is refused, naming the
   smallest that would do, before a byte of the model is read.
 - `plan`: once the model is loaded and the data read, the step's plan (model.memory.plan_step, from a probe of
   the model itself): the longest time chunk and the fewest recomputed blocks that keep the estimated peak
-  within the budget less RUN_SLACK. Still too little: refused, naming the least it measured.
+  within the budget less run_slack. Still too little: refused, naming the least it measured.
 benchmarks/memory_budget.py measures the result from outside the process, start-up to exit.
 """
 
@@ -27,10 +27,11 @@ from ..wkv import cpu as wkv_cpu
 from .config import TrainConfig
 
 GIB = 2**30
-# what a run holds beyond the model, its data and one step, and the step's run-to-run spread (+-30 MB): validation
-# (the step's time chunks, no graph), the optimizer, a checkpoint or export being written (measured from outside by
-# benchmarks/memory_budget.py and benchmarks/scale.py, 0.1B and 0.4B shapes, every kind of matrices)
-RUN_SLACK = 64 << 20
+# what a run holds beyond the model, its data and one step: the optimizer (the learned state's gradient and Adam's
+# two moments, run_slack) and RUN_SLACK: a checkpoint or export being written and the step's run-to-run spread
+# (+-30 MB). Validation reads the step's time chunks without a graph and hands its freed pages back. Measured from
+# outside by benchmarks/memory_budget.py and benchmarks/scale.py, 0.1B to 1.5B shapes, every kind of matrices.
+RUN_SLACK = 32 << 20
 # what a loaded model holds beyond its weights: the modules, the heap of its small fp32 tensors (measured 61-75 MB
 # on the 0.1B and 0.4B shapes with fp32, bf16, int8 and nf4 matrices, after the loading's temporaries are freed)
 LOAD_EXTRA = 96 << 20
@@ -80,7 +81,7 @@ def _converted_bytes(weights: dict[str, torch.Tensor], precision: str, quant: st
 def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> int:
     """The least --memory-budget this run can take, in bytes, before the model is loaded: this process now, the
     weights as held, what loading adds, and the larger of loading's transient and the leanest step (every block
-    recomputed, in the time chunk and with the boundary states that need least); then RUN_SLACK. budget.plan's
+    recomputed, in the time chunk and with the boundary states that need least); then run_slack. budget.plan's
     estimate after loading stays below it, so a budget this allows is not refused later."""
     logits = training_logits_bytes(dtype_of(cfg.precision), cfg.quant is not None)
     per_token = ACT_FLOATS["kernels" if _cpu_kernels(cfg) else "torch"] * spec.n_embd * 4
@@ -88,7 +89,13 @@ def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.
                for chunk, all_up_to in memory.step_ways(cfg.ctx_len, cfg.time_chunk))
     scratch = SCRATCH_BYTES if cfg.quant else 0
     loaded = memory.rss_bytes() + held_weight_bytes(weights, cfg.precision, cfg.quant) + LOAD_EXTRA + scratch
-    return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + RUN_SLACK)
+    return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + run_slack(spec))
+
+
+def run_slack(spec: ModelSpec) -> int:
+    """What a run holds at a step's peak beyond the step: RUN_SLACK and the optimizer (the learned state's
+    gradient and Adam's two moments: 3 states, 7 MB at the 0.1B shape, 37 MB at 1.5B)."""
+    return RUN_SLACK + 3 * memory.state_bytes(spec)
 
 
 def _cpu_kernels(cfg: TrainConfig) -> bool:
@@ -130,9 +137,10 @@ def plan(model: RWKV, cfg: TrainConfig, device: torch.device) -> memory.StepPlan
     budget = cfg.memory_budget * GIB if cfg.memory_budget is not None else memory.default_budget()
     if budget is None:
         return memory.StepPlan(0, cfg.time_chunk, math.nan, True)
-    step = memory.plan_step(model, cfg.micro_bsz, cfg.ctx_len, budget - RUN_SLACK, cfg.time_chunk)
+    step = memory.plan_step(model, cfg.micro_bsz, cfg.ctx_len, budget - run_slack(model.spec), cfg.time_chunk)
     if not step.fits and cfg.memory_budget is not None:
         chunk = step.time_chunk or cfg.ctx_len
-        raise _refusal(cfg, step.estimate + RUN_SLACK, f"with {model.spec.name} loaded, a step does not fit even "
-                                                        f"with every block recomputed, {chunk} tokens at a time")
+        why = f"with {model.spec.name} loaded, a step does not fit even with every block recomputed, {chunk} tokens " \
+              "at a time"
+        raise _refusal(cfg, step.estimate + run_slack(model.spec), why)
     return step

@@ -26,6 +26,7 @@ from ..checkpoint import read_checkpoint
 from ..data import Dataset, load_dataset
 from ..errors import InvalidDataError, InvalidOptionError, TrainingDiverged, option
 from ..evaluate import EvalResult, evaluate
+from ..files import release_free_heap
 from ..fingerprint import file_fingerprint
 from ..formats import export_state, save_native
 from ..model import RWKV, build_model
@@ -177,6 +178,7 @@ class _Run:
             self.progress.best_val = loss
             if self.writes:
                 save_native(self.state("best"), self.out / "best.safetensors")
+        release_free_heap()  # validation's freed logits stay resident otherwise, under the next step's peak
         return {"val_loss": loss, "val_accuracy": accuracy}
 
     def log(self, entry: dict) -> None:

@@ -70,7 +70,8 @@ def _memory_line(model, cfg: TrainConfig, step: StepPlan) -> str:
     if math.isnan(step.estimate):
         return f"memory     weights {held:.0f} MiB (the peak is planned on the CPU without grad_checkpoint only)"
     chunk = f", {step.time_chunk} tokens at a time" if step.time_chunk else ""
-    return (f"memory     about {(step.estimate + budget.RUN_SLACK) / 2**20:.0f} MiB at the peak (weights {held:.0f} "
+    peak = (step.estimate + budget.run_slack(model.spec)) / 2**20
+    return (f"memory     about {peak:.0f} MiB at the peak (weights {held:.0f} "
             f"MiB; {step.recompute} of {model.spec.n_layer} blocks recomputed{chunk})")
 
 

@@ -47,7 +47,7 @@ def train_step(model, learned: Learned, opt: torch.optim.Optimizer, micro: list[
     opt.zero_grad(set_to_none=False)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro:
-        if time_chunk and batch.inputs.shape[1] > time_chunk:
+        if time_chunk:  # shorter batches too: one chunk, with the heap's free pages handed back as in the others
             loss_sum += chunked_backward(model, batch, learned(), time_chunk, 1 / n_global, all_boundaries_up_to)
             continue
         loss, _ = loss_fn(model, batch, learned())
