@@ -140,7 +140,7 @@ def plan(model: RWKV, cfg: TrainConfig, device: torch.device) -> memory.StepPlan
     step = memory.plan_step(model, cfg.micro_bsz, cfg.ctx_len, budget - run_slack(model.spec), cfg.time_chunk)
     if not step.fits and cfg.memory_budget is not None:
         chunk = step.time_chunk or cfg.ctx_len
-        why = f"with {model.spec.name} loaded, a step does not fit even with every block recomputed, {chunk} tokens " \
-              "at a time"
+        why = (f"with {model.spec.name} loaded, a step does not fit even with every block recomputed, {chunk} "
+               "tokens at a time")
         raise _refusal(cfg, step.estimate + run_slack(model.spec), why)
     return step
