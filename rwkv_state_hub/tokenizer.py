@@ -75,15 +75,15 @@ class WorldTokenizer(Tokenizer):
     eod = 0
 
     def __init__(self) -> None:
-        self._vocab = _world_vocab()
+        _world_vocab()  # a damaged rwkv package fails here, not at the first sample
 
     def _encode(self, text: str) -> list[int]:
-        return self._vocab.encode(text.encode("utf-8"))
+        return _world_vocab().encode(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
         """Ids with no text (0, the end of a document, and the unused ids at the top) decode to nothing;
         a cut through a UTF-8 character decodes to U+FFFD instead of failing the whole string."""
-        table = self._vocab.idx2token
+        table = _world_vocab().idx2token
         out = []
         for i in ids:
             if not 0 <= i < self.vocab_size:
@@ -138,6 +138,12 @@ def _world_vocab() -> _WorldVocab:
         raise TokenizerError(f"{vocab}: the World vocabulary is missing or damaged in the rwkv package; reinstall "
                              "it") from None
     return _WorldVocab(lines, str(vocab))
+
+
+def release_world_vocab() -> None:
+    """Drop the World vocabulary's tables (16 MiB of small objects): a run under a memory budget has no more use
+    for them once its data is tokenized. The next use reads them again."""
+    _world_vocab.cache_clear()
 
 
 class ByteTokenizer(Tokenizer):

@@ -8,6 +8,7 @@ far is that from the original model (the quantization error, bounds measured in 
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -115,6 +116,37 @@ def test_a_quantized_model_is_exactly_the_model_of_its_dequantized_matrices(rand
     want = _logits_and_state_gradient(_dense_twin(model, random_models[arch]), tokens)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def _scratch_held_after(work) -> int:
+    """Bytes of dequantizing buffers a fresh thread holds after running `work` (they are per thread)."""
+    held = []
+
+    def run():
+        work()
+        held.append(sum(b.untyped_storage().nbytes() for b in quant_module._SCRATCH.__dict__["buffers"].values()))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return held[0]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_bytes", [64 * 192 * 2, 1 << 20])  # the head in chunks of rows, or whole
+def test_scratch_bytes_is_what_a_step_holds_and_allocate_scratch_holds_it_at_once(random_models, kind, dtype,
+                                                                                  chunk_bytes, monkeypatch):
+    """The budget counts the buffers from the checkpoint's shapes before loading and the plan reads RSS after
+    allocate_scratch: both must be what a training step really leaves behind."""
+    monkeypatch.setattr(quant_module, "CHUNK_BYTES", chunk_bytes)
+    spec, weights = read_checkpoint(random_models["v7"])
+    model = build_model(spec, weights, dtype=dtype, quant=kind)
+    shapes = [tuple(m.weight.shape) for m in build_model(spec, weights).modules() if isinstance(m, torch.nn.Linear)]
+    want = quant_module.scratch_bytes(kind, shapes, dtype or torch.float32)
+    tokens = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(1))
+    assert _scratch_held_after(lambda: _logits_and_state_gradient(model, tokens)) == want
+    assert _scratch_held_after(lambda: quant_module.allocate_scratch(model)) == want
 
 
 # measured on random_models (docs/quantization.md): logits' relative error 0.013-0.016 (int8), 0.17-0.20 (nf4);

@@ -15,9 +15,10 @@ from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 from tokenizers import Tokenizer as HFTokenizerLib
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from rwkv_state_hub import tokenizer as tokenizer_module
 from rwkv_state_hub.checkpoint import ModelSpec
 from rwkv_state_hub.errors import StateHubError, TokenizerError, speak_cli
-from rwkv_state_hub.tokenizer import get_tokenizer
+from rwkv_state_hub.tokenizer import get_tokenizer, release_world_vocab
 
 MIXED = "Hello, world! 你好，世界。 Emoji: 😀🚀 and\ttabs\n\nnew paragraph ÄÖÜ"
 
@@ -65,8 +66,13 @@ def test_world_matches_the_pip_tokenizer(pip_world):
     assert tok.encode(MIXED) == pip_world.encode(MIXED)
 
 
-def test_world_is_built_once():
-    assert get_tokenizer("world")._vocab is get_tokenizer("world")._vocab
+def test_world_is_built_once_and_read_again_once_released():
+    first = tokenizer_module._world_vocab()
+    tok = get_tokenizer("world")
+    assert tokenizer_module._world_vocab() is first
+    release_world_vocab()
+    assert tok.encode("User: hi") == [24281, 59, 4571]  # read again on use
+    assert tokenizer_module._world_vocab() is not first
 
 
 @settings(max_examples=300, deadline=None)
@@ -75,9 +81,9 @@ def test_world_matches_pip_on_runs_of_its_own_tokens_and_any_bytes(pip_world, id
     """The longest match, stressed: the vocabulary's own tokens run together, then any bytes (UTF-8 broken
     anywhere, as a cut prompt can be) and any text, whole and cut at an odd place."""
     src = b"".join(pip_world.idx2token.get(i, b"") for i in ids) + noise + text.encode("utf-8")
-    assert get_tokenizer("world")._vocab.encode(src) == pip_world.encodeBytes(src)
+    assert tokenizer_module._world_vocab().encode(src) == pip_world.encodeBytes(src)
     cut = src[len(src) // 3 :]
-    assert get_tokenizer("world")._vocab.encode(cut) == pip_world.encodeBytes(cut)
+    assert tokenizer_module._world_vocab().encode(cut) == pip_world.encodeBytes(cut)
 
 
 def test_world_tokenizer_takes_a_few_mb_not_hundreds():
@@ -95,7 +101,7 @@ def test_world_decode_of_eod_and_cut_characters():
     ids = tok.encode("ok")
     assert tok.decode(ids + [0]) == "ok"  # the end-of-document id has no text
     emoji = tok.encode("😀")
-    partial = tok._vocab.encode("😀".encode()[:2])
+    partial = tokenizer_module._world_vocab().encode("😀".encode()[:2])
     assert tok.decode(partial) == "\ufffd"  # a cut character is replaced, not an exception
     assert tok.decode(emoji) == "😀"
     with pytest.raises(ValueError, match="outside the World vocabulary"):

@@ -20,7 +20,7 @@ import torch
 from ..files import release_free_heap
 from ..loss import ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM, boundaries_kept, training_logits_bytes
 from .common import RWKV, RecurrentState
-from .quant import QuantizedLinear
+from .quant import QuantizedLinear, allocate_scratch
 
 PROBE_TOKENS = 32
 # What a step's peak adds to RSS, in units of one block's saved activations per layer, fitted to a whole step's
@@ -192,6 +192,7 @@ def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk
     in (every block recomputed, in the way that needs least), with fits=False."""
     per_token = saved_bytes_per_token(model)
     page_in(model)
+    allocate_scratch(model)
     release_free_heap()
     now = rss_bytes()
     least = None

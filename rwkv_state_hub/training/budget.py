@@ -21,8 +21,7 @@ from .. import wkv
 from ..checkpoint import ModelSpec
 from ..errors import InvalidOptionError, option
 from ..loss import training_logits_bytes
-from ..model import RWKV, memory
-from ..model.quant import SCRATCH_BYTES
+from ..model import RWKV, memory, quant
 from ..wkv import cpu as wkv_cpu
 from .config import TrainConfig
 
@@ -81,15 +80,20 @@ def _converted_bytes(weights: dict[str, torch.Tensor], precision: str, quant: st
 def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> int:
     """The least --memory-budget this run can take, in bytes, before the model is loaded: this process now, the
     weights as held, what loading adds, and the larger of loading's transient and the leanest step (every block
-    recomputed, in the time chunk and with the boundary states that need least); then run_slack. budget.plan's
-    estimate after loading stays below it, so a budget this allows is not refused later."""
+    recomputed, in the time chunk and with the boundary states that need least), a quantized model's
+    dequantizing buffers; then run_slack. budget.plan's estimate after loading stays below it, so a budget this
+    allows is not refused later."""
     logits = training_logits_bytes(dtype_of(cfg.precision), cfg.quant is not None)
     per_token = ACT_FLOATS["kernels" if _cpu_kernels(cfg) else "torch"] * spec.n_embd * 4
     step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, per_token, logits, all_up_to)
                for chunk, all_up_to in memory.step_ways(cfg.ctx_len, cfg.time_chunk))
-    scratch = SCRATCH_BYTES if cfg.quant else 0
+    scratch = quant.scratch_bytes(cfg.quant, _matrix_shapes(weights), dtype_of(cfg.precision)) if cfg.quant else 0
     loaded = memory.rss_bytes() + held_weight_bytes(weights, cfg.precision, cfg.quant) + LOAD_EXTRA + scratch
     return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + run_slack(spec))
+
+
+def _matrix_shapes(weights: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    return [tuple(t.shape) for name, t in weights.items() if _LINEAR.match(name)]
 
 
 def run_slack(spec: ModelSpec) -> int:

@@ -34,7 +34,7 @@ from ..model.memory import StepPlan
 from ..model.quant import matrix_dtype, quantization
 from ..plot import plot_losses
 from ..state import State
-from ..tokenizer import Tokenizer, get_tokenizer
+from ..tokenizer import Tokenizer, get_tokenizer, release_world_vocab
 from ..wkv import cuda as cuda_wkv
 from . import budget, checkpointing, tracking
 from .checkpointing import CHECKPOINT, Progress
@@ -108,6 +108,9 @@ def load_for_run(cfg: TrainConfig, device: torch.device) -> tuple[RWKV, Inputs]:
     file_fingerprint(cfg.model)
     spec, weights = read_checkpoint(cfg.model)  # memory-mapped: nothing of the model is read yet
     inputs = load_inputs(cfg, spec)
+    if device.type == "cpu" and cfg.memory_budget is not None:
+        release_world_vocab()  # counted in the budget, and not needed again by the run
+        release_free_heap()
     if device.type == "cpu":
         budget.check_before_loading(cfg, spec, weights)
     dtype = budget.dtype_of(cfg.precision)
