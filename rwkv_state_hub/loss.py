@@ -1,8 +1,8 @@
 """The one loss: cross-entropy over trained tokens through the model's head, a chunk of rows at a time.
 
 Training, validation, `rwkv-state eval` and the benchmarks all call `batch_loss`. Full-vocabulary logits never
-exist for the whole batch at once (HEAD_CHUNK_BYTES of them at most, 4x for a quantized head, none when training
-through an fp32 head), so a 65k vocabulary at ctx 4096 costs 32 MiB, not 1 GiB. When a state is trained, the
+exist for the whole batch at once (HEAD_CHUNK_BYTES of them at most, none when training through an fp32 head), so
+a 65k vocabulary at ctx 4096 costs 32 MiB, not 1 GiB. When a state is trained, the
 gradient to the hidden states is worked out in the same pass as the loss (the head is frozen: nothing else needs a
 gradient), so nothing of the size of the logits is kept for the backward pass and the head runs once.
 """
@@ -20,9 +20,6 @@ from .model.quant import QuantizedLinear
 from .wkv import cpu as cpu_kernels
 
 HEAD_CHUNK_BYTES = 32 << 20  # fp32 logits alive at once (512 positions of a 16k vocab, 128 of a 65k one)
-# a quantized head dequantizes all its rows for each chunk of positions (twice with a gradient): 4x the positions
-# per chunk keep that cost, 1-3 ns a weight on a CPU, small beside the matmuls (512 positions of a 65k vocab)
-QUANTIZED_HEAD_CHUNK_FACTOR = 4
 
 Head = Tensor | QuantizedLinear  # a frozen head's weight [V, C], or the head itself when quantized
 
@@ -30,14 +27,11 @@ Head = Tensor | QuantizedLinear  # a frozen head's weight [V, C], or the head it
 # the head's rows as both keys and values. torch's CPU flash-attention kernel works it out with the log-sum-exp a
 # block of the vocabulary at a time, reading each block of the head once for both products and never holding a row
 # of logits: 1.5x the chunked logits' speed at the 0.1B shape on 2 cores (a 200 MB head is read once per chunk of
-# positions there, twice with the gradient). bf16 and quantized heads keep the chunked logits (faster for them); a
-# bf16 one's are turned into their gradient by the C++ CPU kernel (wkv/csrc/xent_cpu.cpp: three passes over the bf16
-# logits where torch makes eight over an fp32 copy) where it is built.
+# positions there, twice with the gradient). A quantized head runs the same online softmax in torch (_streamed_loss)
+# on each block of rows it dequantizes. A bf16 head keeps the chunked logits (faster for it), turned into their
+# gradient by the C++ CPU kernel (wkv/csrc/xent_cpu.cpp: three passes over the bf16 logits where torch makes eight
+# over an fp32 copy) where it is built.
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _chunk_bytes(quantized: bool) -> int:
-    return HEAD_CHUNK_BYTES * (QUANTIZED_HEAD_CHUNK_FACTOR if quantized else 1)
 
 
 def _flash_for(dtype: torch.dtype, quantized: bool) -> bool:
@@ -48,33 +42,16 @@ def _flash_for(dtype: torch.dtype, quantized: bool) -> bool:
 def training_logits_bytes(dtype: torch.dtype, quantized: bool) -> int:
     """The most bytes of fp32 logits a training step holds at once on the CPU through a head of matrices in
     `dtype` (quantized or not): none through an fp32 head (flash attention), else a chunk."""
-    return 0 if _flash_for(dtype, quantized) else _chunk_bytes(quantized)
-
-
-def _chunk_rows(head: Head) -> int:
-    quantized = isinstance(head, QuantizedLinear)
-    vocab_size = head.out_features if quantized else head.shape[0]
-    return max(16, _chunk_bytes(quantized) // (vocab_size * 4))
+    return 0 if _flash_for(dtype, quantized) else HEAD_CHUNK_BYTES
 
 
 def _operand(head: nn.Module) -> Head:
     return head if isinstance(head, QuantizedLinear) else head.weight.detach()
 
 
-def _logits(h: Tensor, head: Head) -> Tensor:
-    """h [rows, C] -> logits [rows, V] in h's dtype (the matmul in the head's dtype)."""
-    return head.matmul(h) if isinstance(head, QuantizedLinear) else F.linear(h.to(head.dtype), head).to(h.dtype)
-
-
-def _back(g: Tensor, head: Head) -> Tensor:
-    """d loss / d logits [rows, V] -> d loss / d h [rows, C] in g's dtype."""
-    return head.matmul_t(g) if isinstance(head, QuantizedLinear) else (g.to(head.dtype) @ head).to(g.dtype)
-
-
-def _fused_bf16(head: Head) -> bool:
+def _fused_bf16(head: Tensor) -> bool:
     """Whether the cross-entropy through this head runs in the C++ CPU kernel (a bf16 CPU head, kernels built)."""
-    return (isinstance(head, Tensor) and head.dtype == torch.bfloat16 and head.device.type == "cpu"
-            and cpu_kernels.load() is not None)
+    return head.dtype == torch.bfloat16 and head.device.type == "cpu" and cpu_kernels.load() is not None
 
 
 def _flash_fits(flat: Tensor, head: Head) -> bool:
@@ -90,23 +67,23 @@ def _flash_loss(flat: Tensor, head: Tensor, targets: Tensor, weight: Tensor) -> 
     return nll, (out[0, 0] - picked).mul_(weight[:, None])
 
 
-def _chunked_loss(flat: Tensor, head: Head, targets: Tensor, weight: Tensor,
+def _chunked_loss(flat: Tensor, head: Tensor, targets: Tensor, weight: Tensor,
                   want_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """(nll [rows], correct argmax predictions (without a gradient), d loss / d hidden or None), through full
     logits a chunk of rows at a time."""
     grad = torch.empty_like(flat) if want_grad else None
     nll = flat.new_empty(flat.shape[0])
     correct = flat.new_zeros(())
-    rows = _chunk_rows(head)
+    rows = max(16, HEAD_CHUNK_BYTES // (head.shape[0] * 4))
     fused = want_grad and _fused_bf16(head)  # the C++ kernel: from the bf16 logits to their bf16 gradient
     for s in range(0, flat.shape[0], rows):
         h, t, wt = flat[s : s + rows], targets[s : s + rows, None], weight[s : s + rows, None]
+        logits = F.linear(h.to(head.dtype), head)
         if fused:
-            logits = F.linear(h.to(head.dtype), head)
             nll[s : s + rows] = cpu_kernels.xent_bf16_(logits, t[:, 0], wt[:, 0])
             grad[s : s + rows] = (logits @ head).to(grad.dtype)
             continue
-        logits = _logits(h, head)                                         # [rows, V]
+        logits = logits.to(h.dtype)                                       # [rows, V]
         picked = logits.gather(1, t)
         if grad is None:
             correct += ((logits.argmax(-1, keepdim=True) == t).to(wt.dtype) * wt).sum()
@@ -119,8 +96,58 @@ def _chunked_loss(flat: Tensor, head: Head, targets: Tensor, weight: Tensor,
             continue
         probs = e.div_(total)
         probs.scatter_add_(1, t, torch.full_like(wt, -1.0)).mul_(wt)      # d loss / d logits
-        grad[s : s + rows] = _back(probs, head)
+        grad[s : s + rows] = (probs.to(head.dtype) @ head).to(grad.dtype)
     return nll, correct, grad
+
+
+def _streamed_loss(flat: Tensor, head: QuantizedLinear, targets: Tensor, weight: Tensor,
+                   want_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """_chunked_loss's results through a quantized head, its vocabulary a block of rows at a time with a running
+    log-sum-exp (flash attention's online softmax): each block is dequantized once per HEAD_CHUNK_BYTES of logits
+    and serves both products, and no row of logits is ever whole."""
+    positions = max(16, HEAD_CHUNK_BYTES // (head.block_rows * 4))
+    parts = [_streamed_part(flat[s : s + positions], head, targets[s : s + positions], want_grad)
+             for s in range(0, flat.shape[0], positions)]
+    nll = torch.cat([nll for nll, _, _ in parts])
+    correct = flat.new_zeros(()) if want_grad else (torch.cat([best for _, best, _ in parts]) == targets).to(
+        weight.dtype).mul(weight).sum()
+    grad = torch.cat([g for _, _, g in parts]).mul_(weight[:, None]) if want_grad else None
+    return nll, correct, grad
+
+
+def _streamed_part(h: Tensor, head: QuantizedLinear, t: Tensor, want_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(nll, argmax (no gradient) or nothing, unweighted d nll / d h or nothing) for a few positions."""
+    n = h.shape[0]
+    top, total, picked = h.new_full((n,), -math.inf), h.new_zeros(n), h.new_zeros(n)
+    best, best_at = h.new_full((n,), -math.inf), torch.zeros_like(t)
+    out, target_rows = (h.new_zeros(h.shape), h.new_zeros(h.shape)) if want_grad else (None, None)
+    hq = h.to(head.dtype)
+    for a, rows, scale in head.row_blocks():
+        logits = (hq @ rows.T).to(h.dtype)                                # [n, block]
+        if scale is not None:
+            logits.mul_(scale.to(h.dtype))
+        at = t - a
+        inside = (at >= 0) & (at < rows.shape[0])
+        at = at.clamp(0, rows.shape[0] - 1)
+        picked = torch.where(inside, logits.gather(1, at[:, None])[:, 0], picked)
+        block_top, block_at = logits.max(1)
+        if not want_grad:
+            best_at = torch.where(block_top > best, block_at + a, best_at)
+            best = torch.maximum(best, block_top)
+        new_top = torch.maximum(top, block_top)
+        rescale = (top - new_top).exp_()
+        e = logits.sub_(new_top[:, None]).exp_()
+        total = total.mul_(rescale).add_(e.sum(1))
+        top = new_top
+        if want_grad:
+            w_t = rows[at] if scale is None else rows[at] * scale[at, None].to(rows.dtype)
+            target_rows = torch.where(inside[:, None], w_t.to(h.dtype), target_rows)
+            e = e if scale is None else e.mul_(scale.to(e.dtype))
+            out.mul_(rescale[:, None]).add_((e.to(head.dtype) @ rows).to(h.dtype))
+    nll = top + total.log() - picked
+    if not want_grad:
+        return nll, best_at, None
+    return nll, None, out.div_(total[:, None]).sub_(target_rows)
 
 
 class _FrozenHeadLoss(torch.autograd.Function):
@@ -134,6 +161,8 @@ class _FrozenHeadLoss(torch.autograd.Function):
         targets, weight = targets.reshape(-1), weight.reshape(-1).to(hidden.dtype)
         if want_grad and _flash_fits(flat, head):
             (nll, grad), correct = _flash_loss(flat, head, targets, weight), flat.new_zeros(())
+        elif isinstance(head, QuantizedLinear):
+            nll, correct, grad = _streamed_loss(flat, head, targets, weight, want_grad)
         else:
             nll, correct, grad = _chunked_loss(flat, head, targets, weight, want_grad)
         if grad is not None:

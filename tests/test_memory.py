@@ -18,7 +18,9 @@ from rwkv_state_hub.data import Batch
 from rwkv_state_hub.errors import speak_cli
 from rwkv_state_hub.loss import batch_loss, head_loss
 from rwkv_state_hub.model import LearnedState, build_model, common, load_model, memory
+from rwkv_state_hub.model import quant as quant_module
 from rwkv_state_hub.model.memory import plan_recompute, rss_bytes, saved_bytes_per_token
+from rwkv_state_hub.model.quant import QuantizedLinear
 from rwkv_state_hub.random_model import random_checkpoint, save_checkpoint
 
 
@@ -69,6 +71,36 @@ def test_head_loss_equals_full_logits_cross_entropy(monkeypatch, dtype, way):
             return ((g - g_exact).abs().max() / g_exact.abs().max()).item()
 
         assert err(g_ours) < 1e-2 and err(g_ours) < 2 * err(g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_heads_streamed_loss_equals_the_full_logits_of_its_matrix(monkeypatch, kind, dtype):
+    """The online softmax over blocks of a quantized head's rows (several blocks, several chunks of positions,
+    the last of each short): loss, accuracy and gradient as full logits through the same matrix give them."""
+    monkeypatch.setattr(quant_module, "CHUNK_BYTES", 70 * 48 * dtype.itemsize)  # 70 rows a block: 8 blocks
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_BYTES", 64 * 70 * 4)  # 64 positions at a time: 10 chunks
+    g = torch.Generator().manual_seed(0)
+    head = QuantizedLinear.from_weight((torch.randn(500, 48, generator=g) / 3).to(dtype), kind)
+    dense = head.to_dense().float()
+    hidden = torch.randn(2, 301, 48, generator=g, requires_grad=True)
+    targets = torch.randint(0, 500, (2, 301), generator=g)
+    targets[0, :40] = F.linear(hidden[0, :40].detach(), dense).argmax(-1)  # some right answers, for the accuracy
+    weight = (torch.rand(2, 301, generator=g) > 0.3).float()
+    weight[1, 250:] = 0  # padding
+    ours, _ = head_loss(hidden, head, targets, weight)
+    (g_ours,) = torch.autograd.grad(ours * 0.37, hidden)
+    exact = hidden.detach().double().requires_grad_()
+    ref = full_logits_loss(exact, dense.double(), targets, weight)
+    (g_ref,) = torch.autograd.grad(ref * 0.37, exact)
+    with torch.no_grad():
+        total, correct = head_loss(hidden, head, targets, weight)
+        right = (F.linear(hidden.double(), dense.double()).argmax(-1) == targets).double().mul(weight).sum()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the products' inputs are rounded
+    assert ours.item() == pytest.approx(ref.item(), rel=tolerance) and total.item() == pytest.approx(ours.item())
+    assert ((g_ours - g_ref).abs().max() / g_ref.abs().max()).item() < tolerance
+    assert g_ours[1, 250:].abs().max() == 0  # nothing flows from padding
+    assert right > 0 and abs(correct.item() - right.item()) <= (0 if dtype == torch.float32 else 0.05 * right.item())
 
 
 def test_head_loss_refuses_a_trainable_head():

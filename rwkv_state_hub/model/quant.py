@@ -15,7 +15,7 @@ docs/quantization.md has the measurements behind this choice (and why not torcha
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -150,28 +150,39 @@ class QuantizedLinear(nn.Module):
         w = self.dequantize()
         return w * self.scale[:, None].to(self.dtype) if self.kind == "int8" else w
 
+    @property
+    def block_rows(self) -> int:
+        """Rows in each of row_blocks' blocks (the last may be shorter)."""
+        return _rows_per_chunk(self.in_features, self.dtype.itemsize)
+
+    def row_blocks(self) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+        """(first row, rows in `dtype`, their int8 row scales or None for nf4), CHUNK_BYTES of rows at a time:
+        each block is dequantized into this thread's buffers, valid until the next block."""
+        step = self.block_rows
+        for a in range(0, self.out_features, step):
+            rows = self.dequantize(a, a + step, scratch=True)
+            yield a, rows, self.scale[a : a + step] if self.kind == "int8" else None
+
     def matmul(self, x: Tensor) -> Tensor:
         """x [..., in] -> x W^T [..., out] in x's dtype; the products in `dtype`."""
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
         out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        step = _rows_per_chunk(self.in_features, self.dtype.itemsize)
-        for a in range(0, self.out_features, step):
-            part = out[:, a : a + step]
-            part.copy_(x2 @ self.dequantize(a, a + step, scratch=True).T)
-            if self.kind == "int8":
-                part.mul_(self.scale[a : a + step].to(x.dtype))
+        for a, rows, scale in self.row_blocks():
+            part = out[:, a : a + rows.shape[0]]
+            part.copy_(x2 @ rows.T)
+            if scale is not None:
+                part.mul_(scale.to(x.dtype))
         return out.view(*x.shape[:-1], self.out_features)
 
     def matmul_t(self, g: Tensor) -> Tensor:
         """g [..., out] -> g W [..., in] in g's dtype (the gradient w.r.t. the input of `matmul`)."""
         g2 = g.reshape(-1, self.out_features)
         out = None
-        step = _rows_per_chunk(self.in_features, self.dtype.itemsize)
-        for a in range(0, self.out_features, step):
-            ga = g2[:, a : a + step]
-            if self.kind == "int8":
-                ga = ga * self.scale[a : a + step].to(g.dtype)
-            part = ga.to(self.dtype) @ self.dequantize(a, a + step, scratch=True)
+        for a, rows, scale in self.row_blocks():
+            ga = g2[:, a : a + rows.shape[0]]
+            if scale is not None:
+                ga = ga * scale.to(g.dtype)
+            part = ga.to(self.dtype) @ rows
             out = part.to(g.dtype) if out is None else out.add_(part)
         return out.view(*g.shape[:-1], self.in_features)
 
