@@ -107,7 +107,7 @@ def _streamed_loss(flat: Tensor, head: QuantizedLinear, targets: Tensor, weight:
     and serves both products, and no row of logits is ever whole."""
     positions = max(16, HEAD_CHUNK_BYTES // (head.block_rows * 4))
     parts = [_streamed_part(flat[s : s + positions], head, targets[s : s + positions], want_grad)
-             for s in range(0, flat.shape[0], positions)]
+             for s in range(0, max(1, flat.shape[0]), positions)]  # no positions: one empty part
     nll = torch.cat([nll for nll, _, _ in parts])
     correct = flat.new_zeros(()) if want_grad else (torch.cat([best for _, best, _ in parts]) == targets).to(
         weight.dtype).mul(weight).sum()
@@ -115,7 +115,8 @@ def _streamed_loss(flat: Tensor, head: QuantizedLinear, targets: Tensor, weight:
     return nll, correct, grad
 
 
-def _streamed_part(h: Tensor, head: QuantizedLinear, t: Tensor, want_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _streamed_part(h: Tensor, head: QuantizedLinear, t: Tensor,
+                   want_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(nll, argmax (no gradient) or nothing, unweighted d nll / d h or nothing) for a few positions."""
     n = h.shape[0]
     top, total, picked = h.new_full((n,), -math.inf), h.new_zeros(n), h.new_zeros(n)
