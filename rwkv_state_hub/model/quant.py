@@ -227,7 +227,7 @@ def allocate_scratch(model: nn.Module) -> None:
     first step."""
     for layer in model.modules():
         if isinstance(layer, QuantizedLinear):
-            layer.dequantize(0, _rows_per_chunk(layer.in_features, layer.dtype.itemsize), scratch=True)
+            layer.dequantize(0, layer.block_rows, scratch=True)
 
 
 def quantization(model: nn.Module) -> str | None:
