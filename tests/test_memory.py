@@ -229,6 +229,7 @@ def test_bench_one_config_on_a_small_model(tmp_path):
                            "--ctx", "32", "--steps", "1"], capture_output=True, text=True, cwd=REPO, check=True)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["tokens_per_s"] > 0 and r["gflops"] > 0 and r["recompute_layers"] == 0  # small: fits, no recompute
+    assert r["matmul_gflops"] > 0  # the ceiling, measured in the configuration's own process beside its steps
     assert r["peak_rss_mib"] > r["weights_mib"] > 0
     r = subprocess.run([sys.executable, "-m", "rwkv_state_hub.cli", "bench", "--configs", "fp32,fast"],
                        capture_output=True, text=True, cwd=REPO)

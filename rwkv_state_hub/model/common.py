@@ -239,6 +239,8 @@ class RWKV(nn.Module):
         state = (state or RecurrentState.zeros(self.spec, B, tokens.device, dtype)).expand(B)
         if mask is not None:
             mask = mask.bool()
+            if T > 0 and bool(mask.all()):
+                mask = None  # no padding (every micro-batch of one sample): nothing to neutralise, no masking work
         x = self.emb(tokens).to(dtype)
         v_first = None
         att_xs, wkvs, ffn_xs = [], [], []

@@ -17,7 +17,8 @@
 //   gk = G^T v + u . r (gy . v)    gr = S_{t-1}^T gy + u . k (gy . v)    d log_w = w . diag(G^T S_{t-1})
 //   (d u is summed by the caller from gy, v, k, r.)
 // Backward walks the chunks of kChunk steps from the last: it recomputes the chunk's states S_{t-1} from the
-// checkpoint the forward pass kept (no division by the decay), then steps back through them.
+// checkpoint the forward pass kept (no division by the decay), and for RWKV-7 each step's sa, which the step
+// computes anyway; then it steps back through them.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -26,6 +27,12 @@
 namespace {
 
 constexpr int kChunk = 16;  // steps between checkpoints: a chunk's recomputed states take kChunk * 16 KB
+
+#if defined(__AVX512F__)
+constexpr bool kWideRegisters = true;  // 32 registers of 16 floats: RWKV-7's backward keeps a row of sums in them
+#else
+constexpr bool kWideRegisters = false;
+#endif
 
 struct Dims {
     int64_t B, T, H, N;
@@ -69,32 +76,30 @@ inline float sum(typename Row<N>::V x) { return hsum<Row<N>::W>(x); }
 
 // ---------------------------------------------------------------- one (batch, head), either architecture
 
-// Steps through time from the state s0 (step(S, x): one step on the inputs at offset x), keeping the state before
-// every kChunk-th step in ckpt (unless null), and writes the final state.
+// Steps through time from the state s0 (step(S, S, t): step t in place), keeping the state before every kChunk-th
+// step in ckpt (unless null), and writes the final state.
 template <int N, typename Step>
 void forward(const Dims& d, int64_t bh, const float* s0, float* s_out, float* ckpt, Step step) {
     alignas(64) float S[N * N];
     std::memcpy(S, s0 + bh * N * N, sizeof S);
     for (int64_t t = 0; t < d.T; ++t) {
         if (ckpt != nullptr && t % kChunk == 0) std::memcpy(ckpt + (bh * d.chunks() + t / kChunk) * N * N, S, sizeof S);
-        step(S, d.at(bh, t));
+        step(S, S, t);
     }
     std::memcpy(s_out + bh * N * N, S, sizeof S);
 }
 
-// Recomputes the states before each step of chunk c into S[0 .. t1 - t0) from the chunk's checkpoint.
+// Recomputes the states before each step of chunk c into S[0 .. t1 - t0) from the chunk's checkpoint
+// (step(S_{t-1}, S_t, t): step t from one buffer into the next).
 template <int N, typename Step>
 void recompute(const Dims& d, int64_t bh, int64_t c, const float* ckpt, float* S, Step step) {
     const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
     std::memcpy(S, ckpt + (bh * d.chunks() + c) * N * N, N * N * sizeof(float));
-    for (int64_t t = t0; t + 1 < t1; ++t, S += N * N) {
-        std::memcpy(S + N * N, S, N * N * sizeof(float));
-        step(S + N * N, d.at(bh, t));
-    }
+    for (int64_t t = t0; t + 1 < t1; ++t, S += N * N) step(S, S + N * N, t);
 }
 
 // Steps back through time from the final state's gradient gs_out, a chunk at a time from the last: its states
-// recomputed from its checkpoint (step without outputs), then back(G, S_{t-1}, x) for each of its steps, last
+// recomputed from its checkpoint (step without outputs), then back(G, S_{t-1}, t) for each of its steps, last
 // first. Writes the initial state's gradient.
 template <int N, typename Step, typename Back>
 void backward(const Dims& d, int64_t bh, const float* ckpt, const float* gs_out, float* gs0, Step step, Back back) {
@@ -104,17 +109,18 @@ void backward(const Dims& d, int64_t bh, const float* ckpt, const float* gs_out,
     for (int64_t c = d.chunks() - 1; c >= 0; --c) {
         recompute<N>(d, bh, c, ckpt, states.data(), step);
         const int64_t t0 = c * kChunk, t1 = std::min(d.T, t0 + kChunk);
-        for (int64_t t = t1 - 1; t >= t0; --t) back(G, states.data() + (t - t0) * N * N, d.at(bh, t));
+        for (int64_t t = t1 - 1; t >= t0; --t) back(G, states.data() + (t - t0) * N * N, t);
     }
     std::memcpy(gs0 + bh * N * N, G, sizeof G);
 }
 
 // ---------------------------------------------------------------- RWKV-7
 
-// One forward step: S <- S diag(w) + (S a) b^T + v k^T; y = S r (when y is given).
+// One forward step from S_in into S_out (the same buffer, or not): S <- S diag(w) + (S a) b^T + v k^T;
+// y = S r (when y is given); S a before the step into sa (when given: the backward pass needs it).
 template <int N>
-inline void step7(float* S, const float* w_, const float* k_, const float* v, const float* a_, const float* b_,
-                  const float* r_, float* y) {
+inline void step7(const float* S_in, float* S_out, const float* w_, const float* k_, const float* v, const float* a_,
+                  const float* b_, const float* r_, float* y, float* sa_out) {
     using R = Row<N>;
     using V = typename R::V;
     constexpr int K = R::K;
@@ -123,12 +129,13 @@ inline void step7(float* S, const float* w_, const float* k_, const float* v, co
     if (y != nullptr) R::load(r, r_);
     for (int i = 0; i < N; ++i) {
         V s[K];
-        R::load(s, S + i * N);
+        R::load(s, S_in + i * N);
         V acc = s[0] * a[0];
         for (int q = 1; q < K; ++q) acc += s[q] * a[q];
         const float sa = sum<N>(acc), vi = v[i];
+        if (sa_out != nullptr) sa_out[i] = sa;
         for (int q = 0; q < K; ++q) s[q] = s[q] * w[q] + sa * b[q] + vi * k[q];
-        R::store(S + i * N, s);
+        R::store(S_out + i * N, s);
         if (y != nullptr) {
             acc = s[0] * r[0];
             for (int q = 1; q < K; ++q) acc += s[q] * r[q];
@@ -140,60 +147,85 @@ inline void step7(float* S, const float* w_, const float* k_, const float* v, co
 template <int N>
 void forward7(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
               const float* a, const float* b, const float* s0, float* y, float* s_out, float* ckpt) {
-    forward<N>(d, bh, s0, s_out, ckpt,
-               [&](float* S, int64_t x) { step7<N>(S, w + x, k + x, v + x, a + x, b + x, r + x, y + x); });
+    forward<N>(d, bh, s0, s_out, ckpt, [&](const float* S, float* next, int64_t t) {
+        const int64_t x = d.at(bh, t);
+        step7<N>(S, next, w + x, k + x, v + x, a + x, b + x, r + x, y + x, nullptr);
+    });
 }
 
-// One backward step of RWKV-7: G (dS_t in, dS_{t-1} out), S = S_{t-1}; writes step t's input gradients.
-// First the row sums, row by row (G += gy r^T; G b, S a and G k); then the column sums one block of W keys at
-// a time over all rows, so that every accumulator stays in a register.
+// The rows of S times a: out = S a.
 template <int N>
-inline void back7(float* G, const float* S, const float* w_, const float* r_, const float* k_, const float* v,
-                  const float* a_, const float* b_, const float* gy, float* gr, float* gk, float* gv, float* gw,
-                  float* ga, float* gb) {
+inline void rows_dot(const float* S, const float* a_, float* out) {
+    using R = Row<N>;
+    typename R::V a[R::K];
+    R::load(a, a_);
+    for (int i = 0; i < N; ++i) {
+        typename R::V s[R::K], acc = {};
+        R::load(s, S + i * N);
+        for (int q = 0; q < R::K; ++q) acc += s[q] * a[q];
+        out[i] = sum<N>(acc);
+    }
+}
+
+// One backward step of RWKV-7: G (dS_t in, dS_{t-1} out), S = S_{t-1}, Sa = S_{t-1} a_t; writes step t's input
+// gradients. First the row sums, row by row (G += gy r^T; G b and G k); then the column sums over all rows, QB
+// blocks of W keys at a time, as many as keep every accumulator in a register.
+template <int N>
+inline void back7(float* G, const float* S, const float* Sa, const float* w_, const float* r_, const float* k_,
+                  const float* v, const float* a_, const float* b_, const float* gy, float* gr, float* gk, float* gv,
+                  float* gw, float* ga, float* gb) {
     using R = Row<N>;
     using V = typename R::V;
     constexpr int K = R::K, W = R::W;
-    alignas(64) float Gb[N], Sa[N];
+    alignas(64) float Gb[N];
     {
-        V r[K], k[K], a[K], b[K];
-        R::load(r, r_), R::load(k, k_), R::load(a, a_), R::load(b, b_);
+        V r[K], k[K], b[K];
+        R::load(r, r_), R::load(k, k_), R::load(b, b_);
         for (int i = 0; i < N; ++i) {
-            V g[K], s[K], tb = {}, tk = {}, ta = {};
-            R::load(g, G + i * N), R::load(s, S + i * N);
+            V g[K], tb = {}, tk = {};
+            R::load(g, G + i * N);
             for (int q = 0; q < K; ++q) {
                 g[q] += gy[i] * r[q];
                 tb += g[q] * b[q];
                 tk += g[q] * k[q];
-                ta += s[q] * a[q];
             }
             R::store(G + i * N, g);
-            Gb[i] = sum<N>(tb), Sa[i] = sum<N>(ta), gv[i] = sum<N>(tk);
+            Gb[i] = sum<N>(tb), gv[i] = sum<N>(tk);
         }
     }
     float gy_sa = 0.f, gy_v = 0.f;
     for (int i = 0; i < N; ++i) gy_sa += gy[i] * Sa[i], gy_v += gy[i] * v[i];
-    for (int q = 0; q < K; ++q) {
-        V w, a, gk_ = {}, gb_ = {}, gw_ = {}, ga_ = {}, gyS = {};
-        std::memcpy(&w, w_ + q * W, sizeof w), std::memcpy(&a, a_ + q * W, sizeof a);
-        for (int i = 0; i < N; ++i) {
-            V g, s;
-            std::memcpy(&g, G + i * N + q * W, sizeof g), std::memcpy(&s, S + i * N + q * W, sizeof s);
-            gk_ += v[i] * g;
-            gb_ += Sa[i] * g;
-            gw_ += g * s;
-            ga_ += Gb[i] * s;
-            gyS += gy[i] * s;
-            g = g * w + Gb[i] * a;
-            std::memcpy(G + i * N + q * W, &g, sizeof g);
+    constexpr int QB = kWideRegisters ? K : 1;  // key blocks per sweep down the rows (each row's scalars read once)
+    for (int q0 = 0; q0 < K; q0 += QB) {
+        V w[QB], a[QB], gk_[QB] = {}, gb_[QB] = {}, gw_[QB] = {}, ga_[QB] = {}, gyS[QB] = {};
+        for (int j = 0; j < QB; ++j) {
+            std::memcpy(&w[j], w_ + (q0 + j) * W, sizeof(V)), std::memcpy(&a[j], a_ + (q0 + j) * W, sizeof(V));
         }
-        V b, k;
-        std::memcpy(&b, b_ + q * W, sizeof b), std::memcpy(&k, k_ + q * W, sizeof k);
-        gyS = w * gyS + gy_sa * b + gy_v * k;
-        gw_ *= w;
-        std::memcpy(gr + q * W, &gyS, sizeof gyS), std::memcpy(gk + q * W, &gk_, sizeof gk_);
-        std::memcpy(gb + q * W, &gb_, sizeof gb_), std::memcpy(ga + q * W, &ga_, sizeof ga_);
-        std::memcpy(gw + q * W, &gw_, sizeof gw_);
+        for (int i = 0; i < N; ++i) {
+            const float vi = v[i], sai = Sa[i], gbi = Gb[i], gyi = gy[i];
+            for (int j = 0; j < QB; ++j) {
+                float* Gq = G + i * N + (q0 + j) * W;
+                V g, s;
+                std::memcpy(&g, Gq, sizeof g), std::memcpy(&s, S + i * N + (q0 + j) * W, sizeof s);
+                gk_[j] += vi * g;
+                gb_[j] += sai * g;
+                gw_[j] += g * s;
+                ga_[j] += gbi * s;
+                gyS[j] += gyi * s;
+                g = g * w[j] + gbi * a[j];
+                std::memcpy(Gq, &g, sizeof g);
+            }
+        }
+        for (int j = 0; j < QB; ++j) {
+            const int64_t o = (q0 + j) * W;
+            V b, k;
+            std::memcpy(&b, b_ + o, sizeof b), std::memcpy(&k, k_ + o, sizeof k);
+            gyS[j] = w[j] * gyS[j] + gy_sa * b + gy_v * k;
+            gw_[j] *= w[j];
+            std::memcpy(gr + o, &gyS[j], sizeof(V)), std::memcpy(gk + o, &gk_[j], sizeof(V));
+            std::memcpy(gb + o, &gb_[j], sizeof(V)), std::memcpy(ga + o, &ga_[j], sizeof(V));
+            std::memcpy(gw + o, &gw_[j], sizeof(V));
+        }
     }
 }
 
@@ -201,11 +233,18 @@ template <int N>
 void backward7(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
                const float* a, const float* b, const float* ckpt, const float* gy, const float* gs_out, float* gr,
                float* gk, float* gv, float* gw, float* ga, float* gb, float* gs0) {
+    alignas(64) float sas[kChunk * N];  // S_{t-1} a_t for each step of a chunk, kept by the recompute
     backward<N>(d, bh, ckpt, gs_out, gs0,
-                [&](float* S, int64_t x) { step7<N>(S, w + x, k + x, v + x, a + x, b + x, nullptr, nullptr); },
-                [&](float* G, const float* S, int64_t x) {
-                    back7<N>(G, S, w + x, r + x, k + x, v + x, a + x, b + x, gy + x, gr + x, gk + x, gv + x, gw + x,
-                             ga + x, gb + x);
+                [&](const float* S, float* next, int64_t t) {
+                    const int64_t x = d.at(bh, t);
+                    step7<N>(S, next, w + x, k + x, v + x, a + x, b + x, nullptr, nullptr, sas + t % kChunk * N);
+                },
+                [&](float* G, const float* S, int64_t t) {
+                    const int64_t x = d.at(bh, t);
+                    float* sa = sas + t % kChunk * N;
+                    if ((t + 1) % kChunk == 0 || t + 1 == d.T) rows_dot<N>(S, a + x, sa);  // not stepped by recompute
+                    back7<N>(G, S, sa, w + x, r + x, k + x, v + x, a + x, b + x, gy + x, gr + x, gk + x, gv + x,
+                             gw + x, ga + x, gb + x);
                 });
 }
 
@@ -219,9 +258,10 @@ inline float bonus5(const typename Row<N>::V* u, const typename Row<N>::V* k, co
     return sum<N>(ukr);
 }
 
-// One forward step: y = S r + v (u . k . r) (when y is given); S <- S diag(w) + v k^T.
+// One forward step from S_in into S_out (the same buffer, or not): y = S r + v (u . k . r) (when y is given);
+// S <- S diag(w) + v k^T.
 template <int N>
-inline void step5(float* S, const float* w_, const float* k_, const float* v, const float* u_, const float* r_,
+inline void step5(const float* S_in, float* S_out, const float* w_, const float* k_, const float* v, const float* u_, const float* r_,
                   float* y) {
     using R = Row<N>;
     using V = typename R::V;
@@ -231,13 +271,13 @@ inline void step5(float* S, const float* w_, const float* k_, const float* v, co
     const float bonus = y != nullptr ? bonus5<N>(u, k, r) : 0.f;
     for (int i = 0; i < N; ++i) {
         V s[K], acc = {};
-        R::load(s, S + i * N);
+        R::load(s, S_in + i * N);
         const float vi = v[i];
         for (int q = 0; q < K; ++q) {
             acc += s[q] * r[q];
             s[q] = s[q] * w[q] + vi * k[q];
         }
-        R::store(S + i * N, s);
+        R::store(S_out + i * N, s);
         if (y != nullptr) y[i] = sum<N>(acc) + vi * bonus;
     }
 }
@@ -246,7 +286,10 @@ template <int N>
 void forward5(const Dims& d, int64_t bh, const float* r, const float* k, const float* v, const float* w,
               const float* u, const float* s0, float* y, float* s_out, float* ckpt) {
     const float* uh = u + (bh % d.H) * N;
-    forward<N>(d, bh, s0, s_out, ckpt, [&](float* S, int64_t x) { step5<N>(S, w + x, k + x, v + x, uh, r + x, y + x); });
+    forward<N>(d, bh, s0, s_out, ckpt, [&](const float* S, float* next, int64_t t) {
+        const int64_t x = d.at(bh, t);
+        step5<N>(S, next, w + x, k + x, v + x, uh, r + x, y + x);
+    });
 }
 
 // One backward step of RWKV-5.2 / 6: G (dS_t in, dS_{t-1} out), S = S_{t-1}.
@@ -290,8 +333,12 @@ void backward5(const Dims& d, int64_t bh, const float* r, const float* k, const 
                float* gv, float* gw, float* gs0) {
     const float* uh = u + (bh % d.H) * N;
     backward<N>(d, bh, ckpt, gs_out, gs0,
-                [&](float* S, int64_t x) { step5<N>(S, w + x, k + x, v + x, uh, r + x, nullptr); },
-                [&](float* G, const float* S, int64_t x) {
+                [&](const float* S, float* next, int64_t t) {
+                    const int64_t x = d.at(bh, t);
+                    step5<N>(S, next, w + x, k + x, v + x, uh, r + x, nullptr);
+                },
+                [&](float* G, const float* S, int64_t t) {
+                    const int64_t x = d.at(bh, t);
                     back5<N>(G, S, w + x, r + x, k + x, v + x, uh, gy + x, gr + x, gk + x, gv + x, gw + x);
                 });
 }
