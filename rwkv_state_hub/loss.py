@@ -19,7 +19,7 @@ from .files import release_free_heap
 from .model.quant import QuantizedLinear
 from .wkv import cpu as cpu_kernels
 
-HEAD_CHUNK_BYTES = 32 << 20  # fp32 logits alive at once (512 positions of a 16k vocab, 128 of a 65k one)
+HEAD_CHUNK_BYTES = 32 << 20  # logits alive at once: 128 positions of a 65k vocab in fp32, 256 in bf16
 
 Head = Tensor | QuantizedLinear  # a frozen head's weight [V, C], or the head itself when quantized
 
@@ -74,8 +74,8 @@ def _chunked_loss(flat: Tensor, head: Tensor, targets: Tensor, weight: Tensor,
     grad = torch.empty_like(flat) if want_grad else None
     nll = flat.new_empty(flat.shape[0])
     correct = flat.new_zeros(())
-    rows = max(16, HEAD_CHUNK_BYTES // (head.shape[0] * 4))
     fused = want_grad and _fused_bf16(head)  # the C++ kernel: from the bf16 logits to their bf16 gradient
+    rows = max(16, HEAD_CHUNK_BYTES // (head.shape[0] * (2 if fused else 4)))  # its logits stay bf16: twice the rows
     for s in range(0, flat.shape[0], rows):
         h, t, wt = flat[s : s + rows], targets[s : s + rows, None], weight[s : s + rows, None]
         logits = F.linear(h.to(head.dtype), head)
