@@ -254,7 +254,7 @@ def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0,
        together with the gradient the later chunks sent to its final state; the gradient of its initial state
        goes on to the chunk before. The first chunk starts from `state` itself, so the gradient reaches
        whatever made it (the learned state). Returns the loss sum, detached."""
-    from .model.common import RecurrentState
+    from .model.common import RecurrentState, backward_from
 
     starts = list(range(0, batch.inputs.shape[1], chunk))
     n, stride = len(starts), boundary_stride(len(starts), all_boundaries_up_to)
@@ -293,7 +293,7 @@ def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0,
                 pairs = [(t, g) for t, g in zip(final.tensors(), carried, strict=True) if t.requires_grad]
                 outputs += [t for t, _ in pairs]
                 grads += [g for _, g in pairs]
-            torch.autograd.backward(outputs, grads)
+            backward_from(outputs, grads)
             if i > 0:
                 carried = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in start.tensors())
             del begin, start, hidden, final, loss, outputs, grads

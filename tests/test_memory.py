@@ -260,14 +260,14 @@ def test_training_under_a_tight_memory_budget_learns_the_same_state(tmp_path, mo
 
     from rwkv_state_hub.training import budget, train
 
-    recomputed = []  # one entry per block run under checkpointing
+    recomputed = []  # one entry per block run without keeping its activations
 
-    def counting_checkpoint(*args, **kwargs):
+    def counting_apply(*args):
         recomputed.append(1)
-        return real_checkpoint(*args, **kwargs)
+        return real_apply(*args)
 
-    real_checkpoint = common.checkpoint
-    monkeypatch.setattr(common, "checkpoint", counting_checkpoint)
+    real_apply = common._Recomputed.apply
+    monkeypatch.setattr(common._Recomputed, "apply", counting_apply)
     plain = train(cfg(tmp_path, out=str(tmp_path / "a"), steps=2), progress=False).state
     assert recomputed == []  # no budget given and a tiny model: it fits, nothing is recomputed
     # a budget between the step recomputing every block and one keeping a block's activations (RSS held fixed,
@@ -321,3 +321,26 @@ def test_the_cli_refuses_a_budget_too_small_before_loading_and_names_the_least(t
                          str(data), "--out", str(tmp_path / "run"), "--memory-budget", str(least), "--steps", "1"],
                         capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_a_training_run_imports_neither_torch_dynamo_nor_sympy(tmp_path):
+    """torch.optim, torch.utils.checkpoint, torch.autograd.backward handed gradients and nn.Embedding's init on the
+    meta device each import torch._dynamo or sympy: 70 MiB of RSS for the whole run, which a run under a memory
+    budget cannot spare. A run that recomputes every block, in time chunks, quantized, with validation, checkpoints
+    and exports loads neither (a fresh process: this one may have loaded them already)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join((REPO / "examples" / "data" / "train.jsonl").read_text().splitlines()[:4]) + "\n")
+    model = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
+    code = f"""
+import sys
+from rwkv_state_hub.training import TrainConfig, train
+for quant in (None, "int8"):
+    train(TrainConfig(model={str(model)!r}, data=[{str(data)!r}], val_data=[{str(data)!r}], quant=quant,
+                      out={str(tmp_path)!r} + f"/run-{{quant}}", steps=2, ctx_len=64, time_chunk=16, grad_checkpoint=True,
+                      val_every=1, save_every=1, export=["pth", "ai00"], seed=1), progress=False)
+print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "run-int8" / "state.pth").exists()

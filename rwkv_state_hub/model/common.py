@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import ModelSpec
 from .quant import QuantizedLinear
@@ -172,6 +171,41 @@ def neutral_where_padded(mask: Tensor | None, k: Tensor, v: Tensor, log_w: Tenso
     return (k * m, v * m, log_w * m, *(t * m for t in extra))
 
 
+def backward_from(outputs: list[Tensor], grads: list[Tensor]) -> None:
+    """torch.autograd.backward(outputs, grads) through one scalar, the sum of each output's dot product with its
+    gradient, whose gradient to each output is exactly that gradient: handed explicit gradients,
+    torch.autograd.backward imports torch.fx's symbolic shapes to check their sizes (sympy: 60 MiB of RSS)."""
+    with torch.enable_grad():  # also inside a backward pass (_Recomputed's)
+        total = sum(torch.dot(o.reshape(-1), g.reshape(-1)) for o, g in zip(outputs, grads, strict=True))
+    torch.autograd.backward(total)
+
+
+class _Recomputed(torch.autograd.Function):
+    """A block that keeps no activations: it runs without a graph, and again with one in the backward pass
+    (activation checkpointing). Not torch.utils.checkpoint: that imports torch._dynamo on first use (70 MiB of
+    RSS for the whole run), and its reentrant form passes no gradient when only the state needs one."""
+
+    @staticmethod
+    def forward(ctx, block: nn.Module, mask: Tensor | None, *inputs: Tensor | None):
+        ctx.block, ctx.mask = block, mask
+        ctx.set_materialize_grads(False)  # an output nothing used: no gradient to run back, not zeros
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            return block(*inputs, mask)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        needs = ctx.needs_input_grad[2:]
+        inputs = [t if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(ctx.saved_tensors, needs, strict=True)]
+        with torch.enable_grad():
+            outputs = ctx.block(*inputs, ctx.mask)
+        pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None and o.requires_grad]
+        if pairs:
+            backward_from([o for o, _ in pairs], [g for _, g in pairs])
+        return None, None, *(t.grad if need else None for t, need in zip(inputs, needs, strict=True))
+
+
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer_id: int, att: nn.Module, ffn: nn.Module):
         super().__init__()
@@ -203,7 +237,9 @@ class RWKV(nn.Module):
     def __init__(self, spec: ModelSpec, time_mix: type[nn.Module], channel_mix: type[nn.Module]):
         super().__init__()
         self.spec = spec
-        self.emb = nn.Embedding(spec.vocab_size, spec.n_embd)
+        # from_pretrained: no random init. Built on the meta device (model.build_model), nn.Embedding's own normal_
+        # would import torch's Python decompositions (sympy, mpmath: 820 modules, 67 MiB of RSS) for nothing
+        self.emb = nn.Embedding.from_pretrained(torch.empty(spec.vocab_size, spec.n_embd))
         self.blocks = nn.ModuleList(
             Block(spec, i, time_mix(spec, i), channel_mix(spec, i)) for i in range(spec.n_layer)
         )
@@ -250,8 +286,7 @@ class RWKV(nn.Module):
         for i, block in enumerate(self.blocks):
             args = (x, att_in[i], wkv_in[i], ffn_in[i], v_first, mask)
             if i < self.recompute_layers and torch.is_grad_enabled():
-                # non-reentrant: the reentrant variant breaks when every weight is frozen
-                x, att_x, wkv, ffn_x, v_first = checkpoint(block, *args, use_reentrant=False)
+                x, att_x, wkv, ffn_x, v_first = _Recomputed.apply(block, mask, *args[:-1])
             else:
                 x, att_x, wkv, ffn_x, v_first = block(*args)
             att_xs.append(att_x)

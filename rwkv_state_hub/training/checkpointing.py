@@ -16,6 +16,7 @@ import torch
 from ..checkpoint import load_untrusted
 from ..errors import InvalidCheckpointError, InvalidOptionError, ModelMismatchError, OutputExistsError, option
 from ..files import atomic_torch_save, atomic_write_bytes
+from .adam import Adam
 from .config import TrainConfig
 from .step import Learned, all_finite
 
@@ -33,7 +34,7 @@ class Progress:
     final_val: float | None = None
 
 
-def start(out: Path, cfg: TrainConfig, learned: Learned, opt: torch.optim.Optimizer, resume: bool,
+def start(out: Path, cfg: TrainConfig, learned: Learned, opt: Adam, resume: bool,
           main: bool = True) -> tuple[Progress, list[dict]]:
     """Resume the run in `out` (into `learned` and `opt`) or start a new one there; returns the progress and
     the metrics logged so far. A folder that holds a run is only continued, never overwritten."""
@@ -51,7 +52,7 @@ def start(out: Path, cfg: TrainConfig, learned: Learned, opt: torch.optim.Optimi
     return progress, metrics
 
 
-def save(out: Path, cfg: TrainConfig, learned: Learned, opt: torch.optim.Optimizer, progress: Progress) -> None:
+def save(out: Path, cfg: TrainConfig, learned: Learned, opt: Adam, progress: Progress) -> None:
     ck = {"learned": learned.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
           "run": asdict(progress), "config": asdict(cfg)}
     atomic_torch_save(out / CHECKPOINT, ck)
@@ -66,7 +67,7 @@ def _fresh() -> str:
     return f"start a new {option('out')}"
 
 
-def load(path: Path, cfg: TrainConfig, learned: Learned, opt: torch.optim.Optimizer) -> Progress:
+def load(path: Path, cfg: TrainConfig, learned: Learned, opt: Adam) -> Progress:
     """Load an interrupted run's checkpoint into `learned` and `opt`; returns its progress."""
     ck = _read(path)
     if ck["config"] != asdict(cfg):

@@ -37,6 +37,7 @@ from ..state import State
 from ..tokenizer import Tokenizer, get_tokenizer, release_world_vocab
 from ..wkv import cuda as cuda_wkv
 from . import budget, checkpointing, tracking
+from .adam import Adam
 from .checkpointing import CHECKPOINT, Progress
 from .config import EXPORT_NAMES, TrainConfig, lr_at
 from .distributed import Distributed, is_main_thread, pick_device
@@ -146,7 +147,7 @@ class _Run:
     model: RWKV
     inputs: Inputs
     learned: Learned
-    opt: torch.optim.Optimizer
+    opt: Adam
     out: Path | None
     ddp: Distributed
     device: torch.device

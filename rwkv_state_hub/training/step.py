@@ -17,6 +17,7 @@ from ..data import Batch, Dataset, collate
 from ..loss import ALL_BOUNDARIES_UP_TO, batch_loss, chunked_backward
 from ..model import EncodedState, LearnedState
 from ..model.common import RecurrentState
+from .adam import Adam
 from .config import TrainConfig
 from .distributed import SINGLE, Distributed
 
@@ -32,7 +33,7 @@ class StepResult:
     problem: str | None = None  # why the step's numbers are not finite; the update is then not to be kept
 
 
-def train_step(model, learned: Learned, opt: torch.optim.Optimizer, micro: list[Batch],
+def train_step(model, learned: Learned, opt: Adam, micro: list[Batch],
                ddp: Distributed = SINGLE, grad_clip: float = 1.0, *, loss_fn: LossFn | None = None,
                time_chunk: int | None = None, all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> StepResult:
     """Forward and backward over this rank's micro-batches, the gradient summed over ranks and clipped, then
@@ -66,7 +67,7 @@ def train_step(model, learned: Learned, opt: torch.optim.Optimizer, micro: list[
 
 
 def new_learned(cfg: TrainConfig, spec, device: torch.device, dtype: torch.dtype = torch.float32,
-                ) -> tuple[Learned, torch.optim.Optimizer]:
+                ) -> tuple[Learned, Adam]:
     """A zero state to learn (plain or through a state encoder) and its Adam; each parameter group carries
     an `lr_scale` relative to the schedule's learning rate."""
     if cfg.state_encoder:
@@ -78,11 +79,11 @@ def new_learned(cfg: TrainConfig, spec, device: torch.device, dtype: torch.dtype
     else:
         learned = LearnedState(spec, cfg.full_state).to(device=device, dtype=dtype)
         groups = [{"params": list(learned.parameters()), "lr_scale": 1.0}]
-    opt = torch.optim.Adam(groups, lr=cfg.lr_init, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    opt = Adam(groups, lr=cfg.lr_init, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
     return learned, opt
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(opt: Adam, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr * group["lr_scale"]
 
@@ -134,7 +135,7 @@ def non_finite(loss: float, grad_norm: float) -> str | None:
 
 
 @torch.no_grad()
-def all_finite(learned: Learned, opt: torch.optim.Optimizer) -> bool:
+def all_finite(learned: Learned, opt: Adam) -> bool:
     """No NaN or infinity in the learned state, in what makes it (a state encoder) or in the optimizer's moments."""
     made: RecurrentState = learned()
     tensors = [made.wkv, made.att_x, made.ffn_x, *learned.parameters()]
