@@ -28,11 +28,12 @@ PROBE_TOKENS = 32
 # keeps its activations costs 1.65-2.2x what it saves (its gradients and the heap's fragments), a recomputed one
 # 0.6-0.8x (recomputed in turn in the backward pass, fragments again), and any block LAYER_FIXED more; both
 # rounded up. In time chunks (loss.chunked_backward hands the heap's free pages back after each chunk's forward
-# and backward) a recomputed block costs less: refitted on the 0.1B, 0.4B and 1.5B shapes in chunks of 32-128
-# tokens with every block recomputed, at or above every measured peak (1.0-1.9x of it) before STEP_SPREAD.
+# and backward) a block's fixed cost is small: refitted on the 0.1B, 0.4B and 1.5B shapes with fp32, bf16, int8
+# and nf4 matrices, 32-token chunks, every block recomputed, the first step after the plan, at or above every
+# measured peak (1.2-1.6x of it, the boundary states included) before STEP_SPREAD.
 KEPT_FACTOR = 2.0
-RECOMPUTED_FACTOR = {"whole": 0.8, "chunked": 0.6}
-LAYER_FIXED = {"whole": 3.5 * 2**20, "chunked": 3.0 * 2**20}
+RECOMPUTED_FACTOR = {"whole": 0.8, "chunked": 0.8}
+LAYER_FIXED = {"whole": 3.5 * 2**20, "chunked": 0.5 * 2**20}
 # A kept block's backward also holds its gradients' temporaries, which do not shrink when the WKV saves less: with
 # the CPU WKV kernels a block saves 27 floats per channel and token, not 52, yet int8 and nf4 at 0.1B under
 # weights + 1 GiB peaked 5-7% over the budget on 2.0x that alone. So each kept block counts KEPT_TRANSIENT_FLOATS per
