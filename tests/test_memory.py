@@ -336,8 +336,8 @@ import sys
 from rwkv_state_hub.training import TrainConfig, train
 for quant in (None, "int8"):
     train(TrainConfig(model={str(model)!r}, data=[{str(data)!r}], val_data=[{str(data)!r}], quant=quant,
-                      out={str(tmp_path)!r} + f"/run-{{quant}}", steps=2, ctx_len=64, time_chunk=16, grad_checkpoint=True,
-                      val_every=1, save_every=1, export=["pth", "ai00"], seed=1), progress=False)
+                      out={str(tmp_path)!r} + f"/run-{{quant}}", steps=2, ctx_len=64, time_chunk=16,
+                      grad_checkpoint=True, val_every=1, save_every=1, export=["pth", "ai00"], seed=1), progress=False)
 print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
