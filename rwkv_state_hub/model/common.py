@@ -183,7 +183,7 @@ def backward_from(outputs: list[Tensor], grads: list[Tensor]) -> None:
 class _Recomputed(torch.autograd.Function):
     """A block that keeps no activations: it runs without a graph, and again with one in the backward pass
     (activation checkpointing). Not torch.utils.checkpoint: that imports torch._dynamo on first use (70 MiB of
-    RSS for the whole run), and its reentrant form passes no gradient when only the state needs one."""
+    RSS for the whole run)."""
 
     @staticmethod
     def forward(ctx, block: nn.Module, mask: Tensor | None, *inputs: Tensor | None):
