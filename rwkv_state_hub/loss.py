@@ -10,6 +10,8 @@ gradient), so nothing of the size of the logits is kept for the backward pass an
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -222,9 +224,6 @@ def token_losses(model, batch, state) -> Tensor:
 
 
 ALL_BOUNDARIES_UP_TO = 16  # chunks for which chunked_backward keeps every boundary state
-# ... and under memory pressure (memory.plan_step): every sqrt(n)-th beyond 4 chunks, at ~10% of the step's time
-# (measured: 0.1B shape, 512 tokens in chunks of 32, every block recomputed: peak -30 MiB)
-SPARSE_BOUNDARIES_FROM = 4
 
 
 def boundary_stride(n_chunks: int, all_up_to: int = ALL_BOUNDARIES_UP_TO) -> int:
@@ -241,35 +240,109 @@ def boundaries_kept(n_chunks: int, all_up_to: int = ALL_BOUNDARIES_UP_TO) -> int
     return -(-n_chunks // stride) + (stride if stride > 1 else 0)
 
 
+class StateFile:
+    """Recurrent states kept in an anonymous file (gone when closed, or when the process dies) rather than in
+    memory: chunked_backward's boundary states under a tight budget, written once and read back once each.
+    The operating system's page cache holds them while memory is free and gives it back when it is not; a
+    process's RSS never counts it."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._where: dict[int, list[tuple[int, torch.dtype, torch.Size]]] = {}
+        self._end = 0
+
+    def put(self, key: int, state) -> None:
+        parts = []
+        for t in state.tensors():
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            _write_at(self._file.fileno(), memoryview(raw), self._end)
+            parts.append((self._end, t.dtype, t.shape))
+            self._end += raw.nbytes
+        self._where[key] = parts
+
+    def pop(self, key: int):
+        from .model.common import RecurrentState
+
+        tensors = []
+        for offset, dtype, shape in self._where.pop(key):
+            t = torch.empty(shape, dtype=dtype)
+            _read_at(self._file.fileno(), memoryview(t.reshape(-1).view(torch.uint8).numpy()), offset)
+            tensors.append(t)
+        return RecurrentState(*tensors)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+def _read_at(fd: int, into: memoryview, offset: int) -> None:
+    while into:
+        done = os.preadv(fd, [into], offset)
+        if done == 0:
+            raise OSError("a boundary state file ended early: it was truncated while the step ran")
+        into, offset = into[done:], offset + done
+
+
 def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0,
-                     all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> Tensor:
+                     all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO,
+                     spill_to: str | os.PathLike | None = None) -> Tensor:
     """The loss sum of `batch` from `state`, and its exact gradient (times `scale`) sent back through `state`,
     with forward and backward run `chunk` positions at a time: the activations of one chunk exist at once,
     whatever the length of the samples. Not truncated backpropagation: every position's loss reaches the state.
 
     1. A forward pass without a graph keeps the recurrent state (all layers) at the start of every segment of
-       boundary_stride(n, all_boundaries_up_to) chunks (every chunk, for up to 16 by default).
+       boundary_stride(n, all_boundaries_up_to) chunks (every chunk, for up to 16 by default); with
+       `spill_to` (a folder), at the start of every chunk, in a StateFile there instead of in memory.
     2. From the last segment back: recompute the states at its chunks' starts from the segment's (no graph);
        then from its last chunk back, rerun the chunk from its start state with a graph and backward its loss
        together with the gradient the later chunks sent to its final state; the gradient of its initial state
        goes on to the chunk before. The first chunk starts from `state` itself, so the gradient reaches
        whatever made it (the learned state). Returns the loss sum, detached."""
+    starts = list(range(0, batch.inputs.shape[1], chunk))
+    n = len(starts)
+    stride = 1 if spill_to is not None else boundary_stride(n, all_boundaries_up_to)
+    kept = StateFile(spill_to) if spill_to is not None else _StatesInMemory()
+    try:
+        _first_pass(model, batch, state, starts, chunk, stride, kept)
+        return _backward_pass(model, batch, state, starts, chunk, stride, kept, scale)
+    finally:
+        kept.close()
+
+
+class _StatesInMemory(dict):
+    """StateFile's interface over a dict."""
+
+    put = dict.__setitem__
+
+    def close(self) -> None:
+        self.clear()
+
+
+def _advance(model, batch, s, start: int, chunk: int):
+    """The state after the chunk at `start` from its start state s, without a graph."""
+    part = batch.window(start, start + chunk)
+    return model.hidden(part.inputs, s, part.mask)[1]
+
+
+@torch.no_grad()
+def _first_pass(model, batch, state, starts: list[int], chunk: int, stride: int, kept) -> None:
+    """Keep (in memory or a StateFile) the state at the start of every `stride`-th chunk."""
+    n, s = len(starts), state.detach()
+    for i in range(0, n, stride):
+        kept.put(i, s)
+        for j in range(i, min(i + stride, n - 1)):
+            s = _advance(model, batch, s, starts[j], chunk)
+
+
+def _backward_pass(model, batch, state, starts: list[int], chunk: int, stride: int, kept, scale: float) -> Tensor:
     from .model.common import RecurrentState, backward_from
 
-    starts = list(range(0, batch.inputs.shape[1], chunk))
-    n, stride = len(starts), boundary_stride(len(starts), all_boundaries_up_to)
-
-    def advance(s, i: int):  # the state after chunk i from its start state s, without a graph
-        part = batch.window(starts[i], starts[i] + chunk)
-        return model.hidden(part.inputs, s, part.mask)[1]
-
-    kept = {}
-    with torch.no_grad():
-        s = state.detach()
-        for i in range(0, n, stride):
-            kept[i] = s
-            for j in range(i, min(i + stride, n - 1)):
-                s = advance(s, j)
+    n = len(starts)
     total = torch.zeros((), dtype=torch.float64)
     carried: tuple[Tensor, ...] | None = None  # d loss(later chunks) / d (this chunk's final state)
     for first in reversed(range(0, n, stride)):
@@ -277,7 +350,7 @@ def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0,
         boundaries = {first: kept.pop(first)}
         with torch.no_grad():
             for i in segment[:-1]:
-                boundaries[i + 1] = advance(boundaries[i], i)
+                boundaries[i + 1] = _advance(model, batch, boundaries[i], starts[i], chunk)
         for i in reversed(segment):
             part = batch.window(starts[i], starts[i] + chunk)
             begin = boundaries.pop(i)
@@ -289,13 +362,17 @@ def chunked_backward(model, batch, state, chunk: int, scale: float = 1.0,
             loss, _ = head_loss(hidden, model.head, part.targets, part.loss_mask.to(hidden.dtype))
             total += loss.detach().double().cpu()
             outputs, grads = [loss * scale], [torch.ones_like(loss)]
-            if carried is not None:
-                pairs = [(t, g) for t, g in zip(final.tensors(), carried, strict=True) if t.requires_grad]
-                outputs += [t for t, _ in pairs]
-                grads += [g for _, g in pairs]
+            for t, g in zip(final.tensors(), carried, strict=True) if carried is not None else ():
+                if t.requires_grad:
+                    outputs.append(t)
+                    grads.append(g)
+            # only the lists hold the final state and its gradient now: each goes once the backward pass has used
+            # it (two states' worth less at the peak)
+            del hidden, final, loss
+            carried = None
             backward_from(outputs, grads)
             if i > 0:
                 carried = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in start.tensors())
-            del begin, start, hidden, final, loss, outputs, grads
+            del begin, start
             release_free_heap()
     return total

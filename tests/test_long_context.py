@@ -36,22 +36,24 @@ def _learned(spec, seed: int) -> LearnedState:
     return learned
 
 
-def _grads(model, learned, batch, chunk: int | None, all_up_to: int = 16) -> tuple[float, list[torch.Tensor]]:
+def _grads(model, learned, batch, chunk: int | None, all_up_to: int = 16, spill_to=None,
+           ) -> tuple[float, list[torch.Tensor]]:
     learned.zero_grad(set_to_none=True)
     if chunk is None:
         loss, _ = batch_loss(model, batch, learned())
         (loss * 0.5).backward()
         total = float(loss.detach())
     else:
-        total = float(chunked_backward(model, batch, learned(), chunk, scale=0.5, all_boundaries_up_to=all_up_to))
+        total = float(chunked_backward(model, batch, learned(), chunk, scale=0.5, all_boundaries_up_to=all_up_to,
+                                              spill_to=spill_to))
     return total, [p.grad.clone() for p in learned.parameters()]
 
 
-def _check(model, chunk: int, lengths: tuple[int, ...], all_up_to: int = 16):
+def _check(model, chunk: int, lengths: tuple[int, ...], all_up_to: int = 16, spill_to=None):
     batch = _batch(model.spec.vocab_size, lengths, seed=1)
     learned = _learned(model.spec, seed=2)
     full_loss, full = _grads(model, learned, batch, None)
-    loss, chunked = _grads(model, learned, batch, chunk, all_up_to)
+    loss, chunked = _grads(model, learned, batch, chunk, all_up_to, spill_to)
     assert loss == pytest.approx(full_loss, rel=1e-5)
     for a, b in zip(chunked, full, strict=True):
         assert float(b.abs().max()) > 0  # the gradient is not trivially zero
@@ -100,13 +102,28 @@ def test_many_chunks_keep_a_boundary_state_per_segment_and_the_same_gradient(ran
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sparse_boundaries_under_memory_pressure_give_the_same_gradient(random_models, arch):
-    """Under a tight budget the plan keeps every sqrt(n)-th state from 4 chunks on (loss.SPARSE_BOUNDARIES_FROM)."""
-    from rwkv_state_hub.loss import SPARSE_BOUNDARIES_FROM, boundaries_kept, boundary_stride
+def test_boundary_states_in_a_file_give_the_same_gradient(random_models, arch, tmp_path):
+    """Under a tight budget the plan keeps the chunks' boundary states in a file: the same gradient, and the file
+    is gone after the step (it never had a name in the folder)."""
+    _check(load_model(random_models[arch]), chunk=4, lengths=(43, 23), spill_to=tmp_path)  # 11 chunks
+    assert list(tmp_path.iterdir()) == []
 
-    assert (boundary_stride(4, SPARSE_BOUNDARIES_FROM), boundary_stride(11, SPARSE_BOUNDARIES_FROM)) == (1, 3)
-    assert (boundaries_kept(16), boundaries_kept(16, SPARSE_BOUNDARIES_FROM)) == (16, 8)
-    _check(load_model(random_models[arch]), chunk=4, lengths=(43, 23), all_up_to=SPARSE_BOUNDARIES_FROM)  # 11 chunks
+
+def test_a_state_file_gives_back_exactly_what_it_was_given(tmp_path):
+    from rwkv_state_hub.loss import StateFile
+    from rwkv_state_hub.model.common import RecurrentState
+
+    g = torch.Generator().manual_seed(5)
+    states = {i: RecurrentState(torch.randn(2, 3, 4, 8, 8, generator=g), torch.randn(2, 3, 16, generator=g),
+                                torch.randn(1, 3, 16, generator=g).expand(2, 3, 16)) for i in range(3)}
+    f = StateFile(tmp_path)
+    for i, s in states.items():
+        f.put(i, s)
+    for i in (2, 0, 1):
+        back = f.pop(i)
+        for a, b in zip(back.tensors(), states[i].tensors(), strict=True):
+            assert a.shape == b.shape and torch.equal(a, b)
+    f.close()
 
 
 def test_a_chunk_longer_than_the_batch_is_the_plain_backward(random_models):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +221,37 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
         assert 0.9 * expected < grew < expected + (24 << 20), (dtype, grew / 2**20, expected / 2**20)
 
 
+PEAK_PROBE = """
+import json, sys, torch
+from rwkv_state_hub.model import load_model
+from rwkv_state_hub.model.memory import peak_rss_bytes, rss_bytes
+
+load_model(sys.argv[2], dtype=torch.float32)  # a small one first: lazy imports, the allocator
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from now
+before = rss_bytes()
+model = load_model(sys.argv[1], dtype=torch.float32)
+print(json.dumps([peak_rss_bytes() - before, sum(p.numel() * p.element_size() for p in model.parameters())]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the peak RSS through Linux's /proc")
+def test_widening_a_checkpoint_holds_one_block_of_its_file_at_a_time(tmp_path):
+    """Measured in a fresh process: loading a bf16 checkpoint into fp32 matrices peaks at the model it holds plus
+    one block of the file (model.COPY_BLOCK_BYTES), not plus the largest matrix (64 MiB here: the head)."""
+    from rwkv_state_hub.model import COPY_BLOCK_BYTES
+
+    big, small = tmp_path / "big.pth", tmp_path / "small.pth"
+    save_checkpoint(random_checkpoint("v7", n_layer=2, n_embd=512, vocab_size=65536, dtype=torch.bfloat16), big)
+    save_checkpoint(random_checkpoint("v7", n_layer=2, n_embd=128, vocab_size=512, dtype=torch.bfloat16), small)
+    r = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(big), str(small)], capture_output=True, text=True,
+                       cwd=REPO, check=True)
+    peak, held = json.loads(r.stdout)
+    head = 65536 * 512 * 2
+    assert held < peak < held + COPY_BLOCK_BYTES + (16 << 20) < held + head, (peak / 2**20, held / 2**20)
+
+
 @pytest.mark.slow
 def test_bench_one_config_on_a_small_model(tmp_path):
     path = tmp_path / "m.pth"
@@ -296,15 +328,15 @@ def test_a_budget_recomputing_cannot_meet_runs_in_time_chunks(monkeypatch):
     assert chunked.fits and chunked.time_chunk == 256 and chunked.estimate <= (whole[-1] + half[-1]) / 2
     assert chunked.recompute == next(n for n, e in enumerate(half) if e <= (whole[-1] + half[-1]) / 2)
     hopeless = memory.plan_step(model, 2, 512, 1 << 20)
-    least = min((memory.step_estimates(model, 2, c, ctx=512, all_boundaries_up_to=a)[-1], c, a)
-                for c in memory.time_chunks(512) for a in (16, 4))
+    least = min((memory.step_estimates(model, 2, c, ctx=512, in_file=f)[-1], c, f)
+                for c in memory.time_chunks(512) for f in (False, True))
     assert not hopeless.fits and hopeless.recompute == 12
-    assert least[2] == 4  # sixteen chunks of 32 keep 8 boundary states, not 16
+    assert least[2]  # sixteen chunks of 32 hold one boundary state in memory, not 16
     # the chunk and the boundary states that need least
-    assert (hopeless.estimate, hopeless.time_chunk or 512, hopeless.all_boundaries_up_to) == pytest.approx(least)
+    assert (hopeless.estimate, hopeless.time_chunk or 512, hopeless.boundaries_in_file) == pytest.approx(least)
     dense = memory.step_estimates(model, 2, 32, ctx=512)[-1]
-    sparse = memory.plan_step(model, 2, 512, (least[0] + dense) / 2)  # fits only with fewer boundary states
-    assert sparse.fits and sparse.all_boundaries_up_to == 4 and sparse.estimate <= (least[0] + dense) / 2
+    spilled = memory.plan_step(model, 2, 512, (least[0] + dense) / 2)  # fits only with the boundaries in a file
+    assert spilled.fits and spilled.boundaries_in_file and spilled.estimate <= (least[0] + dense) / 2
 
 
 def test_the_cli_refuses_a_budget_too_small_before_loading_and_names_the_least(tmp_path):
@@ -333,6 +365,7 @@ def test_a_training_run_imports_neither_torch_dynamo_nor_sympy(tmp_path):
     model = REPO / "rwkv_state_hub" / "examples" / "models" / "tiny-rwkv-5v2-730K.pth"
     code = f"""
 import sys
+from pathlib import Path
 from rwkv_state_hub.training import TrainConfig, train
 for quant in (None, "int8"):
     train(TrainConfig(model={str(model)!r}, data=[{str(data)!r}], val_data=[{str(data)!r}], quant=quant,

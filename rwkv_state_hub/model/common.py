@@ -174,9 +174,12 @@ def neutral_where_padded(mask: Tensor | None, k: Tensor, v: Tensor, log_w: Tenso
 def backward_from(outputs: list[Tensor], grads: list[Tensor]) -> None:
     """torch.autograd.backward(outputs, grads) through one scalar, the sum of each output's dot product with its
     gradient, whose gradient to each output is exactly that gradient: handed explicit gradients,
-    torch.autograd.backward imports torch.fx's symbolic shapes to check their sizes (sympy: 60 MiB of RSS)."""
+    torch.autograd.backward imports torch.fx's symbolic shapes to check their sizes (sympy: 60 MiB of RSS).
+    Empties both lists, so that what only they held goes as soon as the backward pass is done with it."""
     with torch.enable_grad():  # also inside a backward pass (_Recomputed's)
         total = sum(torch.dot(o.reshape(-1), g.reshape(-1)) for o, g in zip(outputs, grads, strict=True))
+    outputs.clear()
+    grads.clear()
     torch.autograd.backward(total)
 
 

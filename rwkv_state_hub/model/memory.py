@@ -18,22 +18,29 @@ from dataclasses import dataclass
 import torch
 
 from ..files import release_free_heap
-from ..loss import ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM, boundaries_kept, training_logits_bytes
+from ..loss import boundaries_kept, training_logits_bytes
 from .common import RWKV, RecurrentState
 from .quant import QuantizedLinear, allocate_scratch
 
 PROBE_TOKENS = 32
 # What a step's peak adds to RSS, in units of one block's saved activations per layer, fitted to a whole step's
-# peak measured on L12 D768 and L24 D1024 (fp32, chunks of 32-512 tokens, glibc's heap as it is): a block that
+# peak measured on L12 D768 and L24 D1024 (fp32, the whole sequence at once, glibc's heap as it is): a block that
 # keeps its activations costs 1.65-2.2x what it saves (its gradients and the heap's fragments), a recomputed one
 # 0.6-0.8x (recomputed in turn in the backward pass, fragments again), and any block LAYER_FIXED more; both
-# rounded up. In time chunks (loss.chunked_backward hands the heap's free pages back after each chunk's forward
-# and backward) a block's fixed cost is small: refitted on the 0.1B, 0.4B and 1.5B shapes with fp32, bf16, int8
-# and nf4 matrices, 32-token chunks, every block recomputed, the first step after the plan, at or above every
-# measured peak (1.2-1.6x of it, the boundary states included) before STEP_SPREAD.
+# rounded up.
 KEPT_FACTOR = 2.0
-RECOMPUTED_FACTOR = {"whole": 0.8, "chunked": 0.8}
-LAYER_FIXED = {"whole": 3.5 * 2**20, "chunked": 0.5 * 2**20}
+RECOMPUTED_FACTOR = 0.8
+LAYER_FIXED = 3.5 * 2**20
+# In time chunks (loss.chunked_backward hands the heap's free pages back after each chunk's forward and backward) a
+# recomputed block keeps only its inputs: the step costs the kept blocks (KEPT_FACTOR each), the one block at work
+# (its activations, recomputed, and its backward's: CHUNK_AT_WORK), CHUNK_LAYER_FIXED a layer, the boundary states
+# and CHUNK_STATES_IN_FLIGHT more (the chunk's final state, its gradient, the gradient carried from the chunk after),
+# and one chunk of logits. Fitted on the 0.1B, 0.4B and 1.5B shapes with fp32, bf16, int8 and nf4 matrices, chunks
+# of 32-256 tokens with every block or half of them recomputed, the boundary states in memory and in a file, the
+# first step after the plan: every measured peak 0.33-0.88 of the estimate, STEP_SPREAD included.
+CHUNK_AT_WORK = 7.0
+CHUNK_LAYER_FIXED = 1 << 20
+CHUNK_STATES_IN_FLIGHT = 3
 # A kept block's backward also holds its gradients' temporaries, which do not shrink when the WKV saves less: with
 # the CPU WKV kernels a block saves 27 floats per channel and token, not 52, yet int8 and nf4 at 0.1B under
 # weights + 1 GiB peaked 5-7% over the budget on 2.0x that alone. So each kept block counts KEPT_TRANSIENT_FLOATS per
@@ -133,14 +140,15 @@ MIN_TIME_CHUNK = 32  # the shortest time chunk plan_step tries: below it, per-ch
 @dataclass(frozen=True)
 class StepPlan:
     """How a step stays within a budget: `recompute` leading blocks recompute their activations, and the
-    sequence runs forward and backward `time_chunk` tokens at a time (None: whole), keeping every boundary state
-    up to `all_boundaries_up_to` chunks (loss.chunked_backward). `estimate`: its peak RSS."""
+    sequence runs forward and backward `time_chunk` tokens at a time (None: whole), keeping the states at the
+    chunks' boundaries in memory or, with `boundaries_in_file`, in a file (loss.chunked_backward's spill_to).
+    `estimate`: its peak RSS."""
 
     recompute: int
     time_chunk: int | None
     estimate: float
     fits: bool
-    all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO
+    boundaries_in_file: bool = False
 
 
 def state_bytes(spec, batch: int = 1) -> int:
@@ -149,19 +157,22 @@ def state_bytes(spec, batch: int = 1) -> int:
 
 
 def step_bytes(spec, batch: int, tokens: int, ctx: int, recompute: int, saved_per_token: int,
-               logits_bytes: int, all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> float:
+               logits_bytes: int, in_file: bool = False) -> float:
     """What a step of `batch` x `ctx` tokens, run `tokens` at a time with `recompute` blocks recomputed, adds to
-    RSS at its peak: the blocks' activations, the recurrent state kept at chunk boundaries, and a chunk of
-    logits with its gradient (`logits_bytes`: loss.training_logits_bytes). From the spec alone, so that it can be
-    known before a model is loaded."""
+    RSS at its peak: the blocks' activations, the recurrent states kept at chunk boundaries (one, read back, when
+    `in_file`), and a chunk of logits with its gradient (`logits_bytes`: loss.training_logits_bytes). From the
+    spec alone, so that it can be known before a model is loaded."""
     L = spec.n_layer
     saved = saved_per_token * batch * tokens                      # one block's activations
     state = state_bytes(spec, batch)
     logits = min(logits_bytes, batch * tokens * spec.vocab_size * 4)
+    if tokens < ctx:
+        blocks = (L - recompute) * KEPT_FACTOR * saved + CHUNK_AT_WORK * saved + L * CHUNK_LAYER_FIXED
+        states = (1 if in_file else boundaries_kept(math.ceil(ctx / tokens))) + CHUNK_STATES_IN_FLIGHT
+        return STEP_SPREAD * (blocks + states * state + logits)
     kept = KEPT_FACTOR * saved + KEPT_TRANSIENT_FLOATS * 4 * spec.n_embd * batch * tokens
-    way = "chunked" if tokens < ctx else "whole"
-    blocks = (L - recompute) * kept + recompute * RECOMPUTED_FACTOR[way] * saved + L * LAYER_FIXED[way]
-    return STEP_SPREAD * (blocks + boundaries_kept(math.ceil(ctx / tokens), all_boundaries_up_to) * state + 2 * logits)
+    blocks = (L - recompute) * kept + recompute * RECOMPUTED_FACTOR * saved + L * LAYER_FIXED
+    return STEP_SPREAD * (blocks + state + 2 * logits)
 
 
 def _logits_bytes(model: RWKV) -> int:
@@ -178,12 +189,12 @@ def time_chunks(ctx: int, time_chunk: int | None = None) -> list[int]:
     return chunks
 
 
-def step_ways(ctx: int, time_chunk: int | None = None) -> list[tuple[int, int]]:
-    """The ways a step of `ctx` tokens may run, cheapest first, as (time chunk, all_boundaries_up_to): from the
-    longest chunk (time_chunks) down, at each first keeping every boundary state, then every sqrt(n)-th (one more
-    forward pass without a graph, cheaper than halving the chunk)."""
-    return [(chunk, all_up_to) for chunk in time_chunks(ctx, time_chunk)
-            for all_up_to in (ALL_BOUNDARIES_UP_TO, SPARSE_BOUNDARIES_FROM)]
+def step_ways(ctx: int, time_chunk: int | None = None) -> list[tuple[int, bool]]:
+    """The ways a step of `ctx` tokens may run, cheapest first, as (time chunk, boundary states in a file): from
+    the longest chunk (time_chunks) down, at each first keeping the boundary states in memory, then in a file
+    (a write and a read of each, far cheaper than halving the chunk)."""
+    return [(chunk, in_file) for chunk in time_chunks(ctx, time_chunk)
+            for in_file in ((False, True) if chunk < ctx else (False,))]
 
 
 def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk: int | None = None) -> StepPlan:
@@ -197,10 +208,10 @@ def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk
     release_free_heap()
     now = rss_bytes()
     least = None
-    for chunk, all_up_to in step_ways(ctx, time_chunk):
-        estimates = step_estimates(model, batch, chunk, per_token, now, ctx, all_up_to)
+    for chunk, in_file in step_ways(ctx, time_chunk):
+        estimates = step_estimates(model, batch, chunk, per_token, now, ctx, in_file)
         for n, estimate in enumerate(estimates):
-            plan = StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, estimate <= budget_bytes, all_up_to)
+            plan = StepPlan(n, chunk if chunk < ctx else time_chunk, estimate, estimate <= budget_bytes, in_file)
             if plan.fits:
                 return plan
         if least is None or plan.estimate < least.estimate:
@@ -209,13 +220,13 @@ def plan_step(model: RWKV, batch: int, ctx: int, budget_bytes: float, time_chunk
 
 
 def step_estimates(model: RWKV, batch: int, tokens: int, saved_per_token: int | None = None, now: int | None = None,
-                   ctx: int | None = None, all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> list[float]:
+                   ctx: int | None = None, in_file: bool = False) -> list[float]:
     """The estimated peak RSS (from this process's RSS `now`) of a step of `batch` x `ctx` tokens (default:
     `tokens`) run `tokens` at a time, recomputing 0, 1, ... n_layer blocks."""
     per_token = saved_bytes_per_token(model) if saved_per_token is None else saved_per_token
     now = rss_bytes() if now is None else now
     return [now + step_bytes(model.spec, batch, tokens, ctx or tokens, n, per_token, _logits_bytes(model),
-                             all_boundaries_up_to) for n in range(model.spec.n_layer + 1)]
+                             in_file) for n in range(model.spec.n_layer + 1)]
 
 
 def plan_recompute(model: RWKV, batch: int, ctx: int, budget_bytes: float) -> int:

@@ -21,7 +21,7 @@ from .. import wkv
 from ..checkpoint import ModelSpec
 from ..errors import InvalidOptionError, option
 from ..loss import training_logits_bytes
-from ..model import RWKV, memory, quant
+from ..model import COPY_BLOCK_BYTES, RWKV, memory, quant
 from ..wkv import cpu as wkv_cpu
 from .config import TrainConfig
 
@@ -32,9 +32,9 @@ GIB = 2**30
 # outside by benchmarks/memory_budget.py and benchmarks/scale.py, 0.1B to 1.5B shapes, every kind of matrices.
 RUN_SLACK = 32 << 20
 # what a loaded model holds beyond its weights once the plan's probe has run: the modules, the heap's slack around
-# its small fp32 tensors, the CPU kernels' library (measured 15-37 MiB on the 0.1B, 0.4B and 1.5B shapes with fp32,
-# bf16, int8 and nf4 matrices, after the loading's temporaries are freed)
-LOAD_EXTRA = 48 << 20
+# its small fp32 tensors, the CPU kernels' library (measured 15-23 MiB on the 0.1B, 0.4B and 1.5B shapes with fp32,
+# bf16, int8 and nf4 matrices, after the loading's temporaries are freed; a quantized model's scratch apart)
+LOAD_EXTRA = 32 << 20
 # the least a refusal names is this much above the least it found: this process's RSS before loading varies by a
 # few MiB between runs, and a run at the named least must not be refused in turn
 NAMED_SPREAD = 16 << 20
@@ -68,29 +68,19 @@ def held_weight_bytes(weights: dict[str, torch.Tensor], precision: str, quant: s
     return int(total)
 
 
-def _converted_bytes(weights: dict[str, torch.Tensor], precision: str, quant: str | None) -> int:
-    """The most file bytes resident at once while the model is built: a matrix stored in another dtype than the
-    one it is held in is read whole before its pages are handed back (a quantized one a few rows at a time)."""
-    if quant:
-        return 0
-    want = dtype_of(precision)
-    return max((t.numel() * t.element_size() for name, t in weights.items() if _LINEAR.match(name) and t.dtype != want),
-               default=0)
-
-
 def smallest_budget(cfg: TrainConfig, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> int:
     """The least --memory-budget this run can take, in bytes, before the model is loaded: this process now, the
-    weights as held, what loading adds, and the larger of loading's transient and the leanest step (every block
-    recomputed, in the time chunk and with the boundary states that need least), a quantized model's
-    dequantizing buffers; then run_slack. budget.plan's estimate after loading stays below it, so a budget this
-    allows is not refused later."""
+    weights as held, what loading adds, and the larger of loading's transient (the file's pages of a tensor
+    being copied, model.COPY_BLOCK_BYTES at most) and the leanest step (every block recomputed, in the time chunk
+    and with the boundary states that need least), a quantized model's dequantizing buffers; then run_slack.
+    budget.plan's estimate after loading stays below it, so a budget this allows is not refused later."""
     logits = training_logits_bytes(dtype_of(cfg.precision), cfg.quant is not None)
     per_token = ACT_FLOATS["kernels" if _cpu_kernels(cfg) else "torch"] * spec.n_embd * 4
-    step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, per_token, logits, all_up_to)
-               for chunk, all_up_to in memory.step_ways(cfg.ctx_len, cfg.time_chunk))
+    step = min(memory.step_bytes(spec, cfg.micro_bsz, chunk, cfg.ctx_len, spec.n_layer, per_token, logits, in_file)
+               for chunk, in_file in memory.step_ways(cfg.ctx_len, cfg.time_chunk))
     scratch = quant.scratch_bytes(cfg.quant, _matrix_shapes(weights), dtype_of(cfg.precision)) if cfg.quant else 0
     loaded = memory.rss_bytes() + held_weight_bytes(weights, cfg.precision, cfg.quant) + LOAD_EXTRA + scratch
-    return int(loaded + max(step, _converted_bytes(weights, cfg.precision, cfg.quant)) + run_slack(spec))
+    return int(loaded + max(step, COPY_BLOCK_BYTES) + run_slack(spec))
 
 
 def _matrix_shapes(weights: dict[str, torch.Tensor]) -> list[tuple[int, int]]:

@@ -161,6 +161,16 @@ class _Run:
     def writes(self) -> bool:
         return self.out is not None and self.ddp.main
 
+    def spill_to(self) -> Path | str | None:
+        """Where a step's boundary states wait when the plan keeps them in a file: the run's folder, or for a run
+        that writes nowhere the system's temporary folder (the file has no name and goes with the step)."""
+        if not self.plan.boundaries_in_file:
+            return None
+        if self.out is None:
+            return tempfile.gettempdir()
+        self.out.mkdir(parents=True, exist_ok=True)
+        return self.out
+
     def save_checkpoint(self) -> None:
         if self.writes:
             checkpointing.save(self.out, self.cfg, self.learned, self.opt, self.progress)
@@ -261,7 +271,7 @@ def _loop(run: _Run, total: int, stop: dict, show: bool) -> None:
             set_lr(run.opt, lr)
             micro = rank_batches(run.inputs.data, p.step, cfg, run.ddp, run.device)
             r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip,
-                           time_chunk=run.plan.time_chunk, all_boundaries_up_to=run.plan.all_boundaries_up_to)
+                           time_chunk=run.plan.time_chunk, spill_to=run.spill_to())
             if r.problem is not None:
                 raise run.diverged(p.step + 1, r.problem)
             p.step, p.tokens = p.step + 1, p.tokens + r.tokens

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 
 import torch
@@ -58,7 +59,7 @@ def _time_one_step(model, cfg: TrainConfig, inputs: Inputs, device: torch.device
         micro = rank_batches(inputs.data, 0, cfg, SINGLE, device)
         started = time.perf_counter()
         r = train_step(model, learned, opt, micro, SINGLE, cfg.grad_clip, time_chunk=step.time_chunk,
-                       all_boundaries_up_to=step.all_boundaries_up_to)
+                       spill_to=tempfile.gettempdir() if step.boundaries_in_file else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return max(time.perf_counter() - started, 1e-9), r.tokens

@@ -8,13 +8,14 @@ batch, so one process with grad_accum 2 and two processes give the same state.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..data import Batch, Dataset, collate
-from ..loss import ALL_BOUNDARIES_UP_TO, batch_loss, chunked_backward
+from ..loss import batch_loss, chunked_backward
 from ..model import EncodedState, LearnedState
 from ..model.common import RecurrentState
 from .adam import Adam
@@ -35,12 +36,12 @@ class StepResult:
 
 def train_step(model, learned: Learned, opt: Adam, micro: list[Batch],
                ddp: Distributed = SINGLE, grad_clip: float = 1.0, *, loss_fn: LossFn | None = None,
-               time_chunk: int | None = None, all_boundaries_up_to: int = ALL_BOUNDARIES_UP_TO) -> StepResult:
+               time_chunk: int | None = None, spill_to: str | os.PathLike | None = None) -> StepResult:
     """Forward and backward over this rank's micro-batches, the gradient summed over ranks and clipped, then
     the update. A non-finite loss or gradient skips the update; a non-finite result of it is reported too.
     With `time_chunk`, longer batches run forward and backward that many positions at a time, with the exact
-    gradient (loss.chunked_backward, keeping every boundary state up to `all_boundaries_up_to` chunks): memory of
-    one chunk, whatever the context length."""
+    gradient (loss.chunked_backward; with `spill_to`, a folder, the states at the chunks' boundaries wait in a
+    file there): memory of one chunk, whatever the context length."""
     loss_fn = loss_fn or batch_loss
     counts = ddp.sum_(torch.tensor([sum(b.n_trained for b in micro), sum(int(b.mask.sum()) for b in micro)],
                                    dtype=torch.float64))
@@ -49,7 +50,7 @@ def train_step(model, learned: Learned, opt: Adam, micro: list[Batch],
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro:
         if time_chunk:  # shorter batches too: one chunk, with the heap's free pages handed back as in the others
-            loss_sum += chunked_backward(model, batch, learned(), time_chunk, 1 / n_global, all_boundaries_up_to)
+            loss_sum += chunked_backward(model, batch, learned(), time_chunk, 1 / n_global, spill_to=spill_to)
             continue
         loss, _ = loss_fn(model, batch, learned())
         (loss / n_global).backward()
