@@ -247,6 +247,7 @@ class StateFile:
     process's RSS never counts it."""
 
     def __init__(self, folder: str | os.PathLike):
+        self._folder = os.fspath(folder)
         self._file = tempfile.TemporaryFile(dir=folder)
         self._where: dict[int, list[tuple[int, torch.dtype, torch.Size]]] = {}
         self._end = 0
@@ -255,7 +256,11 @@ class StateFile:
         parts = []
         for t in state.tensors():
             raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            _write_at(self._file.fileno(), memoryview(raw), self._end)
+            try:
+                _write_at(self._file.fileno(), memoryview(raw), self._end)
+            except OSError as e:  # a full disk: name the folder, which the bare write cannot
+                why = f"{e.strerror or e} (writing the states at the time chunks' boundaries to a file here)"
+                raise OSError(e.errno, why, self._folder) from None
             parts.append((self._end, t.dtype, t.shape))
             self._end += raw.nbytes
         self._where[key] = parts

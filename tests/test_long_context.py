@@ -126,6 +126,25 @@ def test_a_state_file_gives_back_exactly_what_it_was_given(tmp_path):
     f.close()
 
 
+def test_a_state_file_that_cannot_be_written_names_its_folder(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from rwkv_state_hub import loss
+    from rwkv_state_hub.model.common import RecurrentState
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(loss.os, "pwrite", full)
+    f = loss.StateFile(tmp_path)
+    with pytest.raises(OSError) as e:
+        f.put(0, RecurrentState(torch.zeros(1, 2, 1, 4, 4), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)))
+    f.close()
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path)
+    assert "boundaries" in e.value.strerror and list(tmp_path.iterdir()) == []
+
+
 def test_a_chunk_longer_than_the_batch_is_the_plain_backward(random_models):
     _check(load_model(random_models["v7"]), chunk=1000, lengths=(30,))
 
