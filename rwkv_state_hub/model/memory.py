@@ -23,29 +23,21 @@ from .common import RWKV, RecurrentState
 from .quant import QuantizedLinear, allocate_scratch
 
 PROBE_TOKENS = 32
-# What a step's peak adds to RSS, in units of one block's saved activations per layer, fitted to a whole step's
-# peak measured on L12 D768 and L24 D1024 (fp32, the whole sequence at once, glibc's heap as it is): a block that
-# keeps its activations costs 1.65-2.2x what it saves (its gradients and the heap's fragments), a recomputed one
-# 0.6-0.8x (recomputed in turn in the backward pass, fragments again), and any block LAYER_FIXED more; both
-# rounded up.
+# What a step's peak adds to RSS, in units of one block's saved activations: a block that keeps its activations
+# costs KEPT_FACTOR times them (its gradients and the heap's fragments); a recomputed one keeps only its inputs
+# (LAYER_FIXED a layer, with the heap's fragments); the one block at work, recomputed or not, AT_WORK times them (its
+# activations and its backward's). Then the recurrent states: those kept at the chunks' boundaries (the whole
+# sequence: the final one) and, in time chunks, STATES_IN_FLIGHT more (the chunk's final state, its gradient, the
+# gradient carried from the chunk after); and one chunk of logits. In time chunks loss.chunked_backward hands the
+# heap's free pages back after each chunk's forward and backward, so a layer costs less there. Fitted on the 0.1B,
+# 0.4B and 1.5B shapes with fp32, bf16, int8 and nf4 matrices, the first step after the plan: the whole 512-token
+# sequence with none, half or all of the blocks recomputed (every measured peak 0.49-0.85 of the estimate), and
+# time chunks of 32-256 tokens with all or half of them recomputed, the boundary states in memory and in a file
+# (0.33-0.88), STEP_SPREAD included.
 KEPT_FACTOR = 2.0
-RECOMPUTED_FACTOR = 0.8
-LAYER_FIXED = 3.5 * 2**20
-# In time chunks (loss.chunked_backward hands the heap's free pages back after each chunk's forward and backward) a
-# recomputed block keeps only its inputs: the step costs the kept blocks (KEPT_FACTOR each), the one block at work
-# (its activations, recomputed, and its backward's: CHUNK_AT_WORK), CHUNK_LAYER_FIXED a layer, the boundary states
-# and CHUNK_STATES_IN_FLIGHT more (the chunk's final state, its gradient, the gradient carried from the chunk after),
-# and one chunk of logits. Fitted on the 0.1B, 0.4B and 1.5B shapes with fp32, bf16, int8 and nf4 matrices, chunks
-# of 32-256 tokens with every block or half of them recomputed, the boundary states in memory and in a file, the
-# first step after the plan: every measured peak 0.33-0.88 of the estimate, STEP_SPREAD included.
-CHUNK_AT_WORK = 7.0
-CHUNK_LAYER_FIXED = 1 << 20
-CHUNK_STATES_IN_FLIGHT = 3
-# A kept block's backward also holds its gradients' temporaries, which do not shrink when the WKV saves less: with
-# the CPU WKV kernels a block saves 27 floats per channel and token, not 52, yet int8 and nf4 at 0.1B under
-# weights + 1 GiB peaked 5-7% over the budget on 2.0x that alone. So each kept block counts KEPT_TRANSIENT_FLOATS per
-# channel and token more (2.0 x the 25 the kernels no longer save: a kept block costs what it did before them).
-KEPT_TRANSIENT_FLOATS = 50
+AT_WORK = {"whole": 6.0, "chunked": 7.0}
+LAYER_FIXED = {"whole": 3.5 * 2**20, "chunked": 1 << 20}
+STATES_IN_FLIGHT = {"whole": 0, "chunked": 3}
 # and the whole of it 10% more: measured peaks spread that much around the fit between runs and shapes (at 5%, 1.5B
 # fp32 under weights + 1 GiB peaked at 0.998 of the budget with the CPU kernels; without any, 0.4B fp32 at 0.99)
 STEP_SPREAD = 1.10
@@ -160,19 +152,16 @@ def step_bytes(spec, batch: int, tokens: int, ctx: int, recompute: int, saved_pe
                logits_bytes: int, in_file: bool = False) -> float:
     """What a step of `batch` x `ctx` tokens, run `tokens` at a time with `recompute` blocks recomputed, adds to
     RSS at its peak: the blocks' activations, the recurrent states kept at chunk boundaries (one, read back, when
-    `in_file`), and a chunk of logits with its gradient (`logits_bytes`: loss.training_logits_bytes). From the
+    `in_file`), and a chunk of logits (`logits_bytes`: loss.training_logits_bytes). From the
     spec alone, so that it can be known before a model is loaded."""
     L = spec.n_layer
     saved = saved_per_token * batch * tokens                      # one block's activations
     state = state_bytes(spec, batch)
     logits = min(logits_bytes, batch * tokens * spec.vocab_size * 4)
-    if tokens < ctx:
-        blocks = (L - recompute) * KEPT_FACTOR * saved + CHUNK_AT_WORK * saved + L * CHUNK_LAYER_FIXED
-        states = (1 if in_file else boundaries_kept(math.ceil(ctx / tokens))) + CHUNK_STATES_IN_FLIGHT
-        return STEP_SPREAD * (blocks + states * state + logits)
-    kept = KEPT_FACTOR * saved + KEPT_TRANSIENT_FLOATS * 4 * spec.n_embd * batch * tokens
-    blocks = (L - recompute) * kept + recompute * RECOMPUTED_FACTOR * saved + L * LAYER_FIXED
-    return STEP_SPREAD * (blocks + state + 2 * logits)
+    way = "chunked" if tokens < ctx else "whole"
+    blocks = (L - recompute) * KEPT_FACTOR * saved + AT_WORK[way] * saved + L * LAYER_FIXED[way]
+    states = (1 if in_file else boundaries_kept(math.ceil(ctx / tokens))) + STATES_IN_FLIGHT[way]
+    return STEP_SPREAD * (blocks + states * state + logits)
 
 
 def _logits_bytes(model: RWKV) -> int:
