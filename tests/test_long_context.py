@@ -3,6 +3,9 @@ the gradient of the full backward pass, through masks, token shift and every arc
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import ARCHS
@@ -162,6 +165,30 @@ def test_training_with_time_chunks_learns_the_same_state():
     assert not torch.equal(plain.wkv, torch.zeros_like(plain.wkv))
     torch.testing.assert_close(chunked.wkv, plain.wkv, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(chunked.shift, plain.shift, rtol=1e-4, atol=1e-6)
+
+
+def test_a_plan_with_boundary_states_in_a_file_trains_the_same_state_and_leaves_no_file(tmp_path, monkeypatch):
+    """The trainer hands the plan's file way to each step (training.step.boundary_folder): the run's folder, where
+    nothing is left behind, or the temporary folder for a run that writes nowhere."""
+    from rwkv_state_hub import RWKV, TrainConfig, train_state
+    from rwkv_state_hub.model.memory import StepPlan
+    from rwkv_state_hub.training import budget, step
+
+    model = RWKV.from_pretrained(example_model("tiny-rwkv-7v0-834K.pth"))
+    records = [{"text": "WEATHER. Oslo: snowy, -3 C, calm. Wear boots. END. " * 3}] * 4
+    settings = dict(steps=2, micro_bsz=2, ctx_len=128, full_state=True, lr_init=0.1, time_chunk=32)
+    in_memory = train_state(model, records, TrainConfig(**settings), progress=False)
+    monkeypatch.setattr(budget, "plan", lambda model, cfg, device: StepPlan(0, 32, math.nan, True, True))
+    folders = []
+    real = step.chunked_backward
+    monkeypatch.setattr(step, "chunked_backward", lambda *a, **k: folders.append(k["spill_to"]) or real(*a, **k))
+    in_file = train_state(model, records, TrainConfig(**settings), out=tmp_path / "run", progress=False)
+    assert folders and set(folders) == {tmp_path / "run"}
+    assert not [f for f in (tmp_path / "run").iterdir() if f.name.startswith("tmp")]
+    torch.testing.assert_close(in_file.wkv, in_memory.wkv, rtol=0, atol=0)
+    torch.testing.assert_close(in_file.shift, in_memory.shift, rtol=0, atol=0)
+    assert step.boundary_folder(StepPlan(0, 32, math.nan, True, False), tmp_path) is None
+    assert Path(step.boundary_folder(StepPlan(0, 32, math.nan, True, True), None)).is_dir()
 
 
 def test_time_chunk_is_validated():

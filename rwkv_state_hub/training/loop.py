@@ -41,7 +41,7 @@ from .adam import Adam
 from .checkpointing import CHECKPOINT, Progress
 from .config import EXPORT_NAMES, TrainConfig, lr_at
 from .distributed import Distributed, is_main_thread, pick_device
-from .step import Learned, new_learned, rank_batches, set_lr, total_steps, train_step
+from .step import Learned, boundary_folder, new_learned, rank_batches, set_lr, total_steps, train_step
 
 
 @dataclass
@@ -161,16 +161,6 @@ class _Run:
     def writes(self) -> bool:
         return self.out is not None and self.ddp.main
 
-    def spill_to(self) -> Path | str | None:
-        """Where a step's boundary states wait when the plan keeps them in a file: the run's folder, or for a run
-        that writes nowhere the system's temporary folder (the file has no name and goes with the step)."""
-        if not self.plan.boundaries_in_file:
-            return None
-        if self.out is None:
-            return tempfile.gettempdir()
-        self.out.mkdir(parents=True, exist_ok=True)
-        return self.out
-
     def save_checkpoint(self) -> None:
         if self.writes:
             checkpointing.save(self.out, self.cfg, self.learned, self.opt, self.progress)
@@ -264,6 +254,7 @@ def _fit(model: RWKV, cfg: TrainConfig, out: Path | None, ddp: Distributed, devi
 def _loop(run: _Run, total: int, stop: dict, show: bool) -> None:
     cfg, p = run.cfg, run.progress
     bar = tqdm(total=total, initial=p.step, desc="state tuning", unit="step", disable=not (show and run.ddp.main))
+    spill_to = boundary_folder(run.plan, run.out)
     started, tokens_before = time.perf_counter(), p.tokens
     try:
         while p.step < total:
@@ -271,7 +262,7 @@ def _loop(run: _Run, total: int, stop: dict, show: bool) -> None:
             set_lr(run.opt, lr)
             micro = rank_batches(run.inputs.data, p.step, cfg, run.ddp, run.device)
             r = train_step(run.model, run.learned, run.opt, micro, run.ddp, cfg.grad_clip,
-                           time_chunk=run.plan.time_chunk, spill_to=run.spill_to())
+                           time_chunk=run.plan.time_chunk, spill_to=spill_to)
             if r.problem is not None:
                 raise run.diverged(p.step + 1, r.problem)
             p.step, p.tokens = p.step + 1, p.tokens + r.tokens

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 
 import torch
@@ -13,7 +12,7 @@ from . import budget
 from .config import EXPORT_NAMES, TrainConfig
 from .distributed import SINGLE, pick_device
 from .loop import Inputs, TrainResult, _recomputing, load_for_run
-from .step import global_batch_size, new_learned, rank_batches, total_steps, train_step
+from .step import boundary_folder, global_batch_size, new_learned, rank_batches, total_steps, train_step
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 _USES = {"pth": "RWKV Runner (state-models/), RWKV-PEFT, rwkv pip via pip_state",
@@ -59,7 +58,7 @@ def _time_one_step(model, cfg: TrainConfig, inputs: Inputs, device: torch.device
         micro = rank_batches(inputs.data, 0, cfg, SINGLE, device)
         started = time.perf_counter()
         r = train_step(model, learned, opt, micro, SINGLE, cfg.grad_clip, time_chunk=step.time_chunk,
-                       spill_to=tempfile.gettempdir() if step.boundaries_in_file else None)
+                       spill_to=boundary_folder(step, None))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return max(time.perf_counter() - started, 1e-9), r.tokens

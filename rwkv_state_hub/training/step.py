@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,6 +20,7 @@ from ..data import Batch, Dataset, collate
 from ..loss import batch_loss, chunked_backward
 from ..model import EncodedState, LearnedState
 from ..model.common import RecurrentState
+from ..model.memory import StepPlan
 from .adam import Adam
 from .config import TrainConfig
 from .distributed import SINGLE, Distributed
@@ -65,6 +68,18 @@ def train_step(model, learned: Learned, opt: Adam, micro: list[Batch],
         if not all_finite(learned, opt):
             problem = "after the update the learned state is not finite"
     return StepResult(loss_value, grad_norm, n_inputs, problem)
+
+
+def boundary_folder(plan: StepPlan, out: Path | None) -> Path | str | None:
+    """Where train_step's `spill_to` points for `plan`: nowhere when the boundary states stay in memory; else the
+    run's folder `out` (created), or for a run that writes nowhere (a dry run's step, train_state without out=)
+    the system's temporary folder: the file has no name and goes with the step."""
+    if not plan.boundaries_in_file:
+        return None
+    if out is None:
+        return tempfile.gettempdir()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def new_learned(cfg: TrainConfig, spec, device: torch.device, dtype: torch.dtype = torch.float32,
